@@ -1,0 +1,15 @@
+"""kimi-engine: run Kimi K2 Thinking (and any DeepSeek-V3-architecture checkpoint) from Python.
+
+    import kimi_engine as ke
+    engine = ke.load("/path/to/Kimi-K2-Thinking")
+    engine.logits(token_ids)          # float32 [len, vocab]
+"""
+
+from .checkpoint import load_model, read_headers, save_checkpoint
+from .config import ModelConfig, QuantConfig
+from .engine import Engine, load
+from .errors import CheckpointError
+
+__all__ = ["CheckpointError", "Engine", "ModelConfig", "QuantConfig", "load", "load_model", "read_headers",
+           "save_checkpoint"]
+__version__ = "0.1.0"

@@ -1,0 +1,329 @@
+"""Kimi K2 / DeepSeek-V3 in plain PyTorch, in the paper's order:
+RMSNorm, YaRN rope, MLA, MLP, Gate, Experts, MoE, Block, Transformer.
+
+Module names mirror the checkpoint keys (`model.layers.3.self_attn.kv_a_proj_with_mqa.weight`), so
+loading is a lookup. The hot ops (INT4 matmul, routing, experts, latent attention) go through `ops`.
+
+Shape legend:
+    B batch, S new tokens, T cached positions, D hidden size, H heads,
+    N qk_nope_head_dim, R qk_rope_head_dim, V v_head_dim, C kv_lora_rank,
+    E routed experts, K experts per token, I expert intermediate size, G int4 group size
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from .cache import LatentCache
+from .config import ModelConfig
+from .int4 import PACK_FACTOR, dequantize
+
+
+def _weight(*shape: int, dtype: torch.dtype | None = None) -> nn.Parameter:
+    """An inference-only weight; built on the meta device and replaced by the loader."""
+    return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
+
+
+class Linear(nn.Module):
+    """y = x W^T with W stored as in the checkpoint: `weight` [out, in] (bf16), or after
+    `make_int4()`, `weight_packed` int32 [out, in/8] + `weight_scale` [out, in/G] (see int4.py)."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = _weight(out_features, in_features)
+        self.int4 = False
+
+    def make_int4(self, group_size: int) -> None:
+        if self.in_features % group_size:
+            raise ValueError(f"in_features {self.in_features} is not a multiple of the group size {group_size}")
+        del self.weight
+        self.weight_packed = _weight(self.out_features, self.in_features // PACK_FACTOR, dtype=torch.int32)
+        self.weight_scale = _weight(self.out_features, self.in_features // group_size, dtype=torch.bfloat16)
+        self.int4 = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.int4:
+            return ops.int4_linear(x, self.weight_packed, self.weight_scale)
+        return ops.linear(x, self.weight)
+
+    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """W [out, in] in `dtype` (dequantized if stored as INT4)."""
+        if self.int4:
+            return dequantize(self.weight_packed, self.weight_scale, dtype)
+        return self.weight.to(dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = _weight(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalize in float32, round to the activation dtype, then scale (HF and DeepSeek's order).
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+# ------------------------------------------------------------------------------------------ rope
+def rope_tables(config: ModelConfig, num_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [P, R/2] float32 for positions 0 .. P-1: YaRN as in DeepSeek-V3 when rope_scaling is set.
+
+    YaRN keeps high frequencies (more than beta_fast rotations over the original context) as they
+    are, divides low ones (fewer than beta_slow) by `factor`, and ramps linearly in between; cos and
+    sin carry the attention factor mscale(factor, mscale) / mscale(factor, mscale_all_dim).
+    """
+    dim, base = config.qk_rope_head_dim, config.rope_theta
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))   # [R/2]
+    attention_factor = 1.0
+    rs = config.rope_scaling
+    if rs is not None:
+        factor, original = rs["factor"], rs["original_max_position_embeddings"]
+        beta_fast, beta_slow = rs.get("beta_fast", 32), rs.get("beta_slow", 1)
+
+        def correction_dim(rotations: float) -> float:  # the dim whose wavelength fits `rotations` times
+            return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+        low = max(math.floor(correction_dim(beta_fast)), 0)
+        high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+        if low == high:
+            high += 0.001  # beta_fast == beta_slow (1.0 in Kimi K2) would divide by zero
+        ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+        inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
+
+        def mscale(m: float) -> float:
+            return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+        attention_factor = mscale(rs.get("mscale", 1)) / mscale(rs.get("mscale_all_dim", 0))
+    freqs = torch.outer(torch.arange(num_positions, dtype=torch.float32), inv_freq)   # [P, R/2]
+    return freqs.cos() * attention_factor, freqs.sin() * attention_factor
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x [B, S, ..., R] by cos/sin [S, R/2] (float32 math)."""
+    shape = (1, cos.shape[0]) + (1,) * (x.dim() - 3) + (cos.shape[1],)
+    cos, sin = cos.view(shape), sin.view(shape)
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2).to(x.dtype)
+
+
+# ------------------------------------------------------------------------------------------ MLA
+class MLA(nn.Module):
+    """Multi-head latent attention. Keys and values live in the cache as a C-dim latent plus one
+    R-dim roped key shared by all heads.
+
+    naive (prefill): expand the cached latents through kv_b_proj into per-head keys and values.
+    absorbed (decode): fold W_UK into the queries and W_UV into the output, attending over the latent
+    directly; the same math with the matmuls reassociated, reading C + R values per cached token.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = config
+        self.n_heads, self.kv_lora_rank = c.num_attention_heads, c.kv_lora_rank
+        self.nope_dim, self.rope_dim, self.v_dim = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
+        self.softmax_scale = c.softmax_scale
+        q_out = c.num_attention_heads * c.qk_head_dim
+        if c.q_lora_rank is None:
+            self.q_proj = Linear(c.hidden_size, q_out)
+        else:
+            self.q_a_proj = Linear(c.hidden_size, c.q_lora_rank)
+            self.q_a_layernorm = RMSNorm(c.q_lora_rank, c.rms_norm_eps)
+            self.q_b_proj = Linear(c.q_lora_rank, q_out)
+        self.kv_a_proj_with_mqa = Linear(c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim)
+        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.rms_norm_eps)
+        self.kv_b_proj = Linear(c.kv_lora_rank, c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim))
+        self.o_proj = Linear(c.num_attention_heads * c.v_head_dim, c.hidden_size)
+
+    def forward(self, x: torch.Tensor, start_pos: int, cos: torch.Tensor, sin: torch.Tensor,
+                cache: LatentCache, layer: int, absorb: bool) -> torch.Tensor:
+        B, S, _ = x.shape
+        H, N, R, V, C = self.n_heads, self.nope_dim, self.rope_dim, self.v_dim, self.kv_lora_rank
+        end = start_pos + S
+        if hasattr(self, "q_proj"):
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q_nope, q_rope = q.view(B, S, H, N + R).split([N, R], dim=-1)   # [B, S, H, N], [B, S, H, R]
+        q_rope = apply_rope(q_rope, cos, sin)
+        latent, k_rope = self.kv_a_proj_with_mqa(x).split([C, R], dim=-1)  # [B, S, C], [B, S, R]
+        cache.write(layer, start_pos, self.kv_a_layernorm(latent), apply_rope(k_rope, cos, sin))
+        latent, k_rope = cache.read(layer, end)                          # [B, T, C], [B, T, R]
+
+        if absorb:
+            w_uk, w_uv = self.kv_b_proj.dense_weight(x.dtype).view(H, N + V, C).split([N, V], dim=1)
+            q_latent = torch.einsum("bshn,hnc->bshc", q_nope, w_uk)
+            seq_lens = torch.full((B,), end, dtype=torch.int32, device=x.device)
+            o_latent = ops.mla_attention(q_latent, q_rope, latent, k_rope, seq_lens, self.softmax_scale)
+            o = torch.einsum("bshc,hvc->bshv", o_latent, w_uv)           # [B, S, H, V]
+        else:
+            k_nope, v = self.kv_b_proj(latent).view(B, end, H, N + V).split([N, V], dim=-1)
+            scores = (torch.einsum("bshn,bthn->bsht", q_nope, k_nope)
+                      + torch.einsum("bshr,btr->bsht", q_rope, k_rope)) * self.softmax_scale
+            # Query s sits at position start_pos + s and sees cached positions t <= start_pos + s.
+            future = torch.ones(S, end, dtype=torch.bool, device=x.device).triu(start_pos + 1)
+            scores = scores.masked_fill(future[None, :, None, :], float("-inf"))
+            probs = scores.softmax(dim=-1, dtype=torch.float32).to(x.dtype)
+            o = torch.einsum("bsht,bthv->bshv", probs, v)
+        return self.o_proj(o.flatten(2))
+
+
+# ------------------------------------------------------------------------------------------ FFN
+class MLP(nn.Module):
+    """SiLU-gated feed-forward: the dense layers and the shared experts."""
+
+    def __init__(self, dim: int, inter_dim: int):
+        super().__init__()
+        self.gate_proj = Linear(dim, inter_dim)
+        self.up_proj = Linear(dim, inter_dim)
+        self.down_proj = Linear(inter_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Gate(nn.Module):
+    """The noaux_tc router: sigmoid scores, top-k on score + correction bias, unbiased weights."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = config
+        self.top_k, self.n_group, self.topk_group = c.num_experts_per_tok, c.n_group, c.topk_group
+        self.norm_topk_prob, self.routed_scaling_factor = c.norm_topk_prob, c.routed_scaling_factor
+        self.weight = _weight(c.n_routed_experts, c.hidden_size)
+        self.e_score_correction_bias = _weight(c.n_routed_experts, dtype=torch.float32)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, D] -> weights [T, K] float32, expert ids [T, K] int32."""
+        logits = F.linear(x.float(), self.weight.float())                # [T, E], float32 as HF does
+        return ops.route(logits, self.e_score_correction_bias, self.top_k, self.n_group, self.topk_group,
+                         self.norm_topk_prob, self.routed_scaling_factor)
+
+
+class Experts(nn.Module):
+    """The routed experts of one layer, stacked so kernels index them by expert id.
+
+    bf16: gate_up_weight [E, 2I, D] (rows :I are gate_proj, I: are up_proj), down_weight [E, D, I].
+    INT4 (after make_int4): gate_up_packed [E, 2I, D/8] + gate_up_scale [E, 2I, D/G],
+    down_packed [E, D, I/8] + down_scale [E, D, I/G], each expert in the checkpoint's own layout.
+    """
+
+    def __init__(self, n_experts: int, dim: int, inter_dim: int):
+        super().__init__()
+        self.n_experts, self.dim, self.inter_dim = n_experts, dim, inter_dim
+        self.gate_up_weight = _weight(n_experts, 2 * inter_dim, dim)
+        self.down_weight = _weight(n_experts, dim, inter_dim)
+        self.int4 = False
+
+    def make_int4(self, group_size: int) -> None:
+        E, D, I = self.n_experts, self.dim, self.inter_dim
+        if D % group_size or I % group_size:
+            raise ValueError(f"expert dims {D} and {I} must be multiples of the group size {group_size}")
+        del self.gate_up_weight, self.down_weight
+        self.gate_up_packed = _weight(E, 2 * I, D // PACK_FACTOR, dtype=torch.int32)
+        self.gate_up_scale = _weight(E, 2 * I, D // group_size, dtype=torch.bfloat16)
+        self.down_packed = _weight(E, D, I // PACK_FACTOR, dtype=torch.int32)
+        self.down_scale = _weight(E, D, I // group_size, dtype=torch.bfloat16)
+        self.int4 = True
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        if self.int4:
+            return ops.moe_int4(x, self.gate_up_packed, self.gate_up_scale, self.down_packed, self.down_scale,
+                                weights, ids)
+        return ops.moe_dense(x, self.gate_up_weight, self.down_weight, weights, ids)
+
+
+class MoE(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = config
+        self.gate = Gate(c)
+        self.experts = Experts(c.n_routed_experts, c.hidden_size, c.moe_intermediate_size)
+        self.shared_experts = (MLP(c.hidden_size, c.moe_intermediate_size * c.n_shared_experts)
+                               if c.n_shared_experts else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.view(-1, x.shape[-1])                                   # [B*S, D]
+        weights, ids = self.gate(flat)
+        y = self.experts(flat, weights, ids).view_as(x)
+        return y if self.shared_experts is None else y + self.shared_experts(x)
+
+
+# ------------------------------------------------------------------------------------------ model
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = MLA(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MoE(config) if config.is_moe_layer(layer) else MLP(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x, start_pos, cos, sin, cache, absorb):
+        x = x + self.self_attn(self.input_layernorm(x), start_pos, cos, sin, cache, self.layer, absorb)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    """The causal LM: `model.embed_tokens`, `model.layers`, `model.norm`, `lm_head`, as in the checkpoint.
+
+    Built as bf16 everywhere; `apply_quantization_layout` then turns the Linear modules that the
+    checkpoint's quantization_config covers into INT4 ones.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
+            layers=nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers)),
+            norm=RMSNorm(config.hidden_size, config.rms_norm_eps),
+        ))
+        self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size)
+        self.apply_quantization_layout()
+        self.reset_rope()
+
+    def apply_quantization_layout(self) -> None:
+        quant = self.config.quant
+        if quant is None:
+            return
+        for name, module in self.named_modules():
+            if isinstance(module, Linear) and quant.is_quantized(name):
+                module.make_int4(quant.group_size)
+            elif isinstance(module, Experts):
+                flags = {quant.is_quantized(f"{name}.{e}.{p}_proj")
+                         for e in range(module.n_experts) for p in ("gate", "up", "down")}
+                if len(flags) > 1:
+                    raise ValueError(f"quantization_config quantizes only some of {name}.*: mixed experts are not supported")
+                if flags.pop():
+                    module.make_int4(quant.group_size)
+
+    def reset_rope(self, device: torch.device | str | None = None) -> None:
+        """(Re)build the rope tables for every position up to max_position_embeddings."""
+        cos, sin = rope_tables(self.config, self.config.max_position_embeddings)
+        self.register_buffer("rope_cos", cos.to(device), persistent=False)
+        self.register_buffer("rope_sin", sin.to(device), persistent=False)
+
+    def forward(self, tokens: torch.Tensor, start_pos: int, cache: LatentCache,
+                absorb: bool | None = None, last_only: bool = False) -> torch.Tensor:
+        """tokens [B, S] at positions start_pos .. start_pos + S - 1 -> logits [B, S, vocab] (or [B, 1, vocab]
+        with last_only) in the model dtype. Writes the S new tokens' latents into `cache`.
+
+        absorb: attention form; default naive for prompts (S > 1), absorbed for single-token decode.
+        """
+        S = tokens.shape[1]
+        absorb = S == 1 if absorb is None else absorb
+        cos, sin = self.rope_cos[start_pos:start_pos + S], self.rope_sin[start_pos:start_pos + S]
+        h = self.model.embed_tokens(tokens)                              # [B, S, D]
+        for block in self.model.layers:
+            h = block(h, start_pos, cos, sin, cache, absorb)
+        h = self.model.norm(h[:, -1:] if last_only else h)
+        if self.lm_head is None:
+            return F.linear(h, self.model.embed_tokens.weight)
+        return self.lm_head(h)
