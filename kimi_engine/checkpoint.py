@@ -177,6 +177,11 @@ def validate(slots: dict[str, Slot], infos: dict[str, TensorInfo], config: Model
                                   f"{sorted(FILE_DTYPES[slot.kind])}")
         if info.shape != slot.shape:
             raise CheckpointError(f"{info.file}: tensor {key!r} has shape {list(info.shape)}, expected {list(slot.shape)}")
+    stack_dtype: dict[str, str] = {}
+    for key, slot in slots.items():
+        if slot.index is not None and stack_dtype.setdefault(slot.param, infos[key].dtype) != infos[key].dtype:
+            raise CheckpointError(f"{infos[key].file}: tensor {key!r} has dtype {infos[key].dtype}, unlike the "
+                                  f"other tensors stacked into {slot.param!r} ({stack_dtype[slot.param]})")
 
 
 def _check_weight_shapes(slots: dict[str, Slot], infos: dict[str, TensorInfo]) -> None:
@@ -204,13 +209,14 @@ def _memory_dtype(slot: Slot, info: TensorInfo, dtype: torch.dtype) -> torch.dty
     return TORCH_DTYPES[info.dtype]
 
 
-def load_model(path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype = torch.bfloat16,
-               progress: bool = True) -> tuple[Transformer, ModelConfig]:
-    """Validate and load a checkpoint directory -> (model on `device`, config). See the module docstring."""
+def check_checkpoint(path: str | Path) -> tuple[ModelConfig, Transformer, dict[str, Slot], dict[str, TensorInfo]]:
+    """Validate a checkpoint directory from its config and shard headers, reading no weights.
+
+    Returns the config, the model built on the meta device, its layout and the tensors found.
+    """
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: checkpoint directory not found")
-    device = torch.device(device or "cpu")
     config = ModelConfig.from_json(path / "config.json")
     infos = read_headers(path)
     try:
@@ -221,15 +227,18 @@ def load_model(path: str | Path, device: torch.device | str | None = None, dtype
     slots = checkpoint_layout(model)
     validate(slots, infos, config, path)
     _check_weight_shapes(slots, infos)
+    return config, model, slots, infos
+
+
+def load_model(path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype = torch.bfloat16,
+               progress: bool = True) -> tuple[Transformer, ModelConfig]:
+    """Validate and load a checkpoint directory -> (model on `device`, config). See the module docstring."""
+    path = Path(path)
+    device = torch.device(device or "cpu")
+    config, model, slots, infos = check_checkpoint(path)
 
     # Allocate every parameter once, on the device, in its memory dtype (nothing exists twice).
-    memory_dtype: dict[str, torch.dtype] = {}
-    for key, slot in slots.items():
-        if slot.param is not None:
-            want = _memory_dtype(slot, infos[key], dtype)
-            if memory_dtype.setdefault(slot.param, want) != want:
-                raise CheckpointError(f"{infos[key].file}: tensor {key!r} has dtype {infos[key].dtype}, unlike "
-                                      f"the other tensors stacked into {slot.param!r}")
+    memory_dtype = {slot.param: _memory_dtype(slot, infos[key], dtype) for key, slot in slots.items() if slot.param}
     for name, p in list(model.named_parameters()):
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
@@ -280,7 +289,10 @@ def _to_checkpoint_format(tensors: dict[str, torch.Tensor], config: ModelConfig)
     for key, slot in slots.items():
         module = key.rpartition(".")[0]
         if slot.kind == "shape":
-            out[key] = torch.tensor(_expected_weight_shape(slots, key), dtype=torch.int64)
+            want = _expected_weight_shape(slots, key)
+            if key in given and given.pop(key).tolist() != want:
+                raise CheckpointError(f"save_checkpoint: tensor {key!r} disagrees with {_packed_key(key)!r}")
+            out[key] = torch.tensor(want, dtype=torch.int64)
         elif slot.kind in ("packed", "scale") and key not in given and f"{module}.weight" in given:
             if slot.kind == "packed":
                 w = given.pop(f"{module}.weight")

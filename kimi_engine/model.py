@@ -164,8 +164,9 @@ class MLA(nn.Module):
             o = torch.einsum("bshc,hvc->bshv", o_latent, w_uv)           # [B, S, H, V]
         else:
             k_nope, v = self.kv_b_proj(latent).view(B, end, H, N + V).split([N, V], dim=-1)
-            scores = (torch.einsum("bshn,bthn->bsht", q_nope, k_nope)
-                      + torch.einsum("bshr,btr->bsht", q_rope, k_rope)) * self.softmax_scale
+            # float32 scores: the nope and rope halves are summed before any rounding.
+            scores = (torch.einsum("bshn,bthn->bsht", q_nope.float(), k_nope.float())
+                      + torch.einsum("bshr,btr->bsht", q_rope.float(), k_rope.float())) * self.softmax_scale
             # Query s sits at position start_pos + s and sees cached positions t <= start_pos + s.
             future = torch.ones(S, end, dtype=torch.bool, device=x.device).triu(start_pos + 1)
             scores = scores.masked_fill(future[None, :, None, :], float("-inf"))
