@@ -9,6 +9,7 @@ import triton.language as tl
 from .w4a16 import is_interpreted
 
 NORM_EPS = 1e-20     # keeps the normalization finite when every chosen score underflows to 0
+_NORM_EPS = tl.constexpr(NORM_EPS)
 
 
 def route_ref(
@@ -82,10 +83,10 @@ def route_kernel(
         if GROUP_E > 1:  # a group's score: its two best biased scores (duplicates count twice, as topk)
             first = tl.min(tl.where(grouped == best[:, None], offs_e[None, :], BLOCK_E), axis=1)
             best += tl.max(tl.where(offs_e[None, :] == first[:, None], float("-inf"), grouped), axis=1)
-        kept = offs_g >= N_GROUP                                  # padding groups start out "taken"
+        padding = offs_g >= N_GROUP                               # never chosen
         chosen = offs_g < 0
         for _ in tl.static_range(TOPK_GROUP):
-            g = _take_best(best, kept | chosen, offs_g, BLOCK_G)
+            g = _take_best(best, padding | chosen, offs_g, BLOCK_G)
             chosen = chosen | (offs_g == g)
         in_chosen = tl.max(tl.where(member & chosen[:, None], 1, 0), axis=0) > 0     # [BLOCK_E]
         choice = tl.where(in_chosen, choice, float("-inf"))
@@ -100,7 +101,7 @@ def route_kernel(
         weights = tl.where(offs_k == k, tl.sum(tl.where(offs_e == e, scores, 0.0), axis=0), weights)
         ids = tl.where(offs_k == k, e, ids)
     if NORM_TOPK_PROB:
-        weights = weights / (tl.sum(weights, axis=0) + NORM_EPS)
+        weights = weights / (tl.sum(weights, axis=0) + _NORM_EPS)
     weights = weights * scaling
     out_mask = offs_k < TOP_K
     tl.store(weights_ptr + t * stride_wt + offs_k * stride_wk, weights, mask=out_mask)
@@ -130,8 +131,6 @@ def route(
         raise ValueError(f"top_k must lie in [1, {E}] (the number of experts), got {top_k}")
     if n_group < 1 or E % n_group or not 1 <= topk_group <= n_group:
         raise ValueError(f"n_group {n_group} must divide E={E} and topk_group {topk_group} lie in [1, n_group]")
-    if n_group > 1 and top_k > topk_group * (E // n_group):
-        raise ValueError(f"top_k {top_k} exceeds the {topk_group * (E // n_group)} experts of the kept groups")
     if bias is None:
         bias = torch.zeros(E, dtype=torch.float32, device=logits.device)
     if bias.shape != (E,) or not bias.is_contiguous():

@@ -39,10 +39,10 @@ def w4a16_matmul_ref(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor)
 # ------------------------------------------------------------------------------------------ kernel
 @triton.jit
 def int4_tile_matmul(
-    # pointers
-    a_rows, w_ptr, s_ptr,              # a_rows [BLOCK_M]: row starts of the activations; one [N, K/8] weight + [N, K/G] scales
-    # sizes
-    a_mask, offs_n, n_mask, k_start, k_end,   # valid rows [BLOCK_M]; output rows [BLOCK_N]; K range (k_end % 8 == 0)
+    # pointers: a_rows [BLOCK_M] row starts of A; one weight [N, K/8] and its scales [N, K/G]
+    a_rows, w_ptr, s_ptr,
+    # rows, columns, K range: valid rows [BLOCK_M]; output rows of W [BLOCK_N]; [k_start, k_end), k_end % 8 == 0
+    a_mask, offs_n, n_mask, k_start, k_end,
     # strides
     stride_ak, stride_wn, stride_wk, stride_sn, stride_sk,
     # constexprs
@@ -83,7 +83,10 @@ def int4_tile_matmul(
             s = tl.load(s_ptr + (k // GROUP)[:, None] * stride_sk + offs_n[None, :] * stride_sn, mask=wmask, other=0)
             w = (((words >> shifts) & _MASK) - _OFFSET).to(tl.float32) * s.to(tl.float32)  # [BLOCK_K, BLOCK_N]
             # rounding w to the operand dtype is exactly the reference's dequantize(..., x.dtype)
-            acc = tl.dot(a.to(DOT_DTYPE), w.to(DOT_DTYPE), acc)
+            if DOT_DTYPE == tl.float32:   # float32 activations: true fp32 products, not TF32
+                acc = tl.dot(a.to(tl.float32), w, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a.to(DOT_DTYPE), w.to(DOT_DTYPE), acc)
         return acc
 
 
@@ -149,7 +152,9 @@ def _num_sms(device_index: int) -> int:
 
 
 def num_sms(device: torch.device) -> int:
-    return _num_sms(device.index or 0) if device.type == "cuda" else INTERPRET_NUM_SMS
+    if device.type != "cuda":
+        return INTERPRET_NUM_SMS
+    return _num_sms(torch.cuda.current_device() if device.index is None else device.index)
 
 
 def dot_dtype(dtype: torch.dtype, interpreted: bool):
@@ -168,17 +173,19 @@ def split_k(tiles: int, K: int, block_k: int, device: torch.device) -> tuple[int
     return triton.cdiv(K, k_per_split), k_per_split
 
 
-def check_int4_weight(name: str, packed: torch.Tensor, scale: torch.Tensor, K: int, group_size: int) -> None:
+def check_int4_weight(prefix: str, packed: torch.Tensor, scale: torch.Tensor, K: int, group_size: int) -> None:
+    """Raise naming the argument (`{prefix}packed`, `{prefix}scale`) unless they hold [..., N, K] at group_size."""
     if packed.dtype != torch.int32:
-        raise TypeError(f"{name}_packed must be int32, got {packed.dtype}")
+        raise TypeError(f"{prefix}packed must be int32, got {packed.dtype}")
     if not scale.dtype.is_floating_point:
-        raise TypeError(f"{name}_scale must be a float tensor, got {scale.dtype}")
+        raise TypeError(f"{prefix}scale must be a float tensor, got {scale.dtype}")
+    if packed.shape[-1] * PACK_FACTOR != K:
+        raise ValueError(f"{prefix}packed {tuple(packed.shape)} holds {packed.shape[-1] * PACK_FACTOR} inputs per row, "
+                         f"the activations have K={K}")
     if group_size <= 0 or group_size % PACK_FACTOR or K % group_size:
         raise ValueError(f"group_size {group_size} must be a multiple of {PACK_FACTOR} dividing K={K}")
-    if packed.shape[-1] * PACK_FACTOR != K:
-        raise ValueError(f"{name}_packed {tuple(packed.shape)} does not hold K={K} inputs ({K // PACK_FACTOR} words)")
     if scale.shape != (*packed.shape[:-1], K // group_size):
-        raise ValueError(f"{name}_scale {tuple(scale.shape)} does not match {name}_packed {tuple(packed.shape)} "
+        raise ValueError(f"{prefix}scale {tuple(scale.shape)} does not match {prefix}packed {tuple(packed.shape)} "
                          f"with group_size {group_size}: expected {(*packed.shape[:-1], K // group_size)}")
 
 
@@ -187,7 +194,9 @@ def w4a16_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, gro
     """x [M, K] (bf16 / fp16 / fp32) @ INT4 weight (packed int32 [N, K/8], scale [N, K/G]).T -> [M, N] in x.dtype.
 
     Reads the checkpoint layout directly (no repacking). Accumulates in float32; with split-K the
-    partial sums are added in float32 before the single rounding to x.dtype.
+    partial sums are added in float32 before the single rounding to x.dtype. The tl.dot body rounds
+    the dequantized weight to x.dtype as the reference does; the GEMV body (M = 1) keeps q * scale
+    exact in float32, so at bf16 it is slightly closer to the true product than the reference.
     """
     if x.dim() != 2 or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise TypeError(f"x must be a 2-D bf16/fp16/fp32 tensor, got {x.dtype} {tuple(x.shape)}")
@@ -195,7 +204,7 @@ def w4a16_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, gro
         raise ValueError(f"packed must be [N, K/8], got {tuple(packed.shape)}")
     M, K = x.shape
     N = packed.shape[0]
-    check_int4_weight("weight", packed, scale, K, group_size)
+    check_int4_weight("", packed, scale, K, group_size)
     if not (x.device == packed.device == scale.device):
         raise ValueError(f"x, packed and scale must share a device, got {x.device}, {packed.device}, {scale.device}")
     if M == 0 or N == 0:

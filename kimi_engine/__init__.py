@@ -8,8 +8,10 @@
 from .checkpoint import load_model, read_headers, save_checkpoint
 from .config import ModelConfig, QuantConfig
 from .engine import Engine, load
+from .chat import StreamParser, parse_assistant
 from .errors import CheckpointError
+from .tokenizer import Tokenizer
 
-__all__ = ["CheckpointError", "Engine", "ModelConfig", "QuantConfig", "load", "load_model", "read_headers",
-           "save_checkpoint"]
+__all__ = ["CheckpointError", "Engine", "ModelConfig", "QuantConfig", "StreamParser", "Tokenizer", "load",
+           "load_model", "parse_assistant", "read_headers", "save_checkpoint"]
 __version__ = "0.1.0"

@@ -19,9 +19,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from .cache import LatentCache
+from .cache import CacheBatch, LatentCache
 from .config import ModelConfig
 from .int4 import PACK_FACTOR, dequantize
+
+
+KV_TILE = 4096  # context positions expanded at a time by the naive (prefill) attention
 
 
 def _weight(*shape: int, dtype: torch.dtype | None = None) -> nn.Parameter:
@@ -106,8 +109,8 @@ def rope_tables(config: ModelConfig, num_positions: int) -> tuple[torch.Tensor, 
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) of x [B, S, ..., R] by cos/sin [S, R/2] (float32 math)."""
-    shape = (1, cos.shape[0]) + (1,) * (x.dim() - 3) + (cos.shape[1],)
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x [B, S, ..., R] by cos/sin [B, S, R/2] (float32 math)."""
+    shape = cos.shape[:2] + (1,) * (x.dim() - 3) + cos.shape[2:]
     cos, sin = cos.view(shape), sin.view(shape)
     x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
     return torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2).to(x.dtype)
@@ -141,11 +144,10 @@ class MLA(nn.Module):
         self.kv_b_proj = Linear(c.kv_lora_rank, c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim))
         self.o_proj = Linear(c.num_attention_heads * c.v_head_dim, c.hidden_size)
 
-    def forward(self, x: torch.Tensor, start_pos: int, cos: torch.Tensor, sin: torch.Tensor,
+    def forward(self, x: torch.Tensor, batch: CacheBatch, cos: torch.Tensor, sin: torch.Tensor,
                 cache: LatentCache, layer: int, absorb: bool) -> torch.Tensor:
         B, S, _ = x.shape
         H, N, R, V, C = self.n_heads, self.nope_dim, self.rope_dim, self.v_dim, self.kv_lora_rank
-        end = start_pos + S
         if hasattr(self, "q_proj"):
             q = self.q_proj(x)
         else:
@@ -153,26 +155,51 @@ class MLA(nn.Module):
         q_nope, q_rope = q.view(B, S, H, N + R).split([N, R], dim=-1)   # [B, S, H, N], [B, S, H, R]
         q_rope = apply_rope(q_rope, cos, sin)
         latent, k_rope = self.kv_a_proj_with_mqa(x).split([C, R], dim=-1)  # [B, S, C], [B, S, R]
-        cache.write(layer, start_pos, self.kv_a_layernorm(latent), apply_rope(k_rope, cos, sin))
-        latent, k_rope = cache.read(layer, end)                          # [B, T, C], [B, T, R]
+        cache.write(layer, batch, self.kv_a_layernorm(latent), apply_rope(k_rope, cos, sin))
 
         if absorb:
             w_uk, w_uv = self.kv_b_proj.dense_weight(x.dtype).view(H, N + V, C).split([N, V], dim=1)
             q_latent = torch.einsum("bshn,hnc->bshc", q_nope, w_uk)
-            seq_lens = torch.full((B,), end, dtype=torch.int32, device=x.device)
-            o_latent = ops.mla_attention(q_latent, q_rope, latent, k_rope, seq_lens, self.softmax_scale)
-            o = torch.einsum("bshc,hvc->bshv", o_latent, w_uv)           # [B, S, H, V]
+            # One row per query token, each with its own causal length, all reading its sequence's blocks.
+            o_latent = ops.mla_attention(
+                q_latent.flatten(0, 1), q_rope.flatten(0, 1), cache.kv[layer],
+                batch.block_table.repeat_interleave(S, dim=0), (batch.positions + 1).flatten().int(),
+                self.softmax_scale, None if cache.kv_scale is None else cache.kv_scale[layer])
+            o = torch.einsum("bshc,hvc->bshv", o_latent.view(B, S, H, C), w_uv)  # [B, S, H, V]
         else:
-            k_nope, v = self.kv_b_proj(latent).view(B, end, H, N + V).split([N, V], dim=-1)
-            # float32 scores: the nope and rope halves are summed before any rounding.
-            scores = (torch.einsum("bshn,bthn->bsht", q_nope.float(), k_nope.float())
-                      + torch.einsum("bshr,btr->bsht", q_rope.float(), k_rope.float())) * self.softmax_scale
-            # Query s sits at position start_pos + s and sees cached positions t <= start_pos + s.
-            future = torch.ones(S, end, dtype=torch.bool, device=x.device).triu(start_pos + 1)
-            scores = scores.masked_fill(future[None, :, None, :], float("-inf"))
-            probs = scores.softmax(dim=-1, dtype=torch.float32).to(x.dtype)
-            o = torch.einsum("bsht,bthv->bshv", probs, v)
+            o = self.attend_naive(q_nope, q_rope, *cache.gather(layer, batch), batch.positions)
         return self.o_proj(o.flatten(2))
+
+    def attend_naive(self, q_nope, q_rope, latent, k_rope, positions, kv_tile: int = KV_TILE):
+        """Expanded-KV attention of q [B, S, H, N|R] over the cached latent [B, T, C] and k_rope [B, T, R].
+
+        Query s of row b sees positions <= positions[b, s]. Keys and values are expanded through
+        kv_b_proj `kv_tile` positions at a time, merged by online softmax (float32), so memory stays
+        O(S x kv_tile) however long the context.
+        """
+        (B, S, H, _), dtype = q_nope.shape, q_nope.dtype
+        N, V = self.nope_dim, self.v_dim
+        # float32 scores: the nope and rope halves are summed before any rounding.
+        q_nope, q_rope = q_nope.float() * self.softmax_scale, q_rope.float() * self.softmax_scale
+        first_query = int(positions.min())  # tiles wholly before it need no causal mask
+        m = q_nope.new_full((B, S, H), float("-inf"))   # running max
+        l = torch.zeros_like(m)                         # running sum of exp
+        acc = q_nope.new_zeros((B, S, H, V))
+        for t0 in range(0, latent.shape[1], kv_tile):
+            k_nope, v = self.kv_b_proj(latent[:, t0:t0 + kv_tile]).unflatten(-1, (H, N + V)).split([N, V], dim=-1)
+            scores = torch.einsum("bshn,bthn->bsht", q_nope, k_nope.float())
+            scores += torch.einsum("bshr,btr->bsht", q_rope, k_rope[:, t0:t0 + kv_tile].float())
+            if t0 + k_nope.shape[1] > first_query + 1:
+                t = torch.arange(t0, t0 + k_nope.shape[1], device=scores.device)
+                scores.masked_fill_(t.view(1, 1, 1, -1) > positions[:, :, None, None], float("-inf"))
+            # Every query sees position 0, so m_new is finite from the first tile on.
+            m_new = torch.maximum(m, scores.amax(-1))
+            p = scores.sub_(m_new[..., None]).exp_()
+            correction = torch.exp(m - m_new)
+            l = l * correction + p.sum(-1)
+            acc = acc * correction[..., None] + torch.einsum("bsht,bthv->bshv", p, v.float())
+            m = m_new
+        return (acc / l[..., None]).to(dtype)
 
 
 # ------------------------------------------------------------------------------------------ FFN
@@ -266,8 +293,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MoE(config) if config.is_moe_layer(layer) else MLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x, start_pos, cos, sin, cache, absorb):
-        x = x + self.self_attn(self.input_layernorm(x), start_pos, cos, sin, cache, self.layer, absorb)
+    def forward(self, x, batch, cos, sin, cache, absorb):
+        x = x + self.self_attn(self.input_layernorm(x), batch, cos, sin, cache, self.layer, absorb)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -311,19 +338,18 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos.to(device), persistent=False)
         self.register_buffer("rope_sin", sin.to(device), persistent=False)
 
-    def forward(self, tokens: torch.Tensor, start_pos: int, cache: LatentCache,
+    def forward(self, tokens: torch.Tensor, batch: CacheBatch, cache: LatentCache,
                 absorb: bool | None = None, last_only: bool = False) -> torch.Tensor:
-        """tokens [B, S] at positions start_pos .. start_pos + S - 1 -> logits [B, S, vocab] (or [B, 1, vocab]
-        with last_only) in the model dtype. Writes the S new tokens' latents into `cache`.
+        """tokens [B, S] at batch.positions -> logits [B, S, vocab] (or [B, 1, vocab] with last_only)
+        in the model dtype. Writes the new tokens' latents into `cache` (see LatentCache.prepare).
 
         absorb: attention form; default naive for prompts (S > 1), absorbed for single-token decode.
         """
-        S = tokens.shape[1]
-        absorb = S == 1 if absorb is None else absorb
-        cos, sin = self.rope_cos[start_pos:start_pos + S], self.rope_sin[start_pos:start_pos + S]
+        absorb = tokens.shape[1] == 1 if absorb is None else absorb
+        cos, sin = self.rope_cos[batch.positions], self.rope_sin[batch.positions]     # [B, S, R/2]
         h = self.model.embed_tokens(tokens)                              # [B, S, D]
         for block in self.model.layers:
-            h = block(h, start_pos, cos, sin, cache, absorb)
+            h = block(h, batch, cos, sin, cache, absorb)
         h = self.model.norm(h[:, -1:] if last_only else h)
         if self.lm_head is None:
             return F.linear(h, self.model.embed_tokens.weight)

@@ -1,19 +1,48 @@
 """One function per hot op. The model calls these; each picks an implementation for its inputs.
 
-Today every op runs its pure-torch reference from `kimi_engine.kernels`; the Triton kernels plug in
-here, behind the same signatures, for CUDA tensors.
+KIMI_ENGINE_KERNELS chooses, read at every call (so tests can monkeypatch it):
+    auto    (default) the Triton kernel for CUDA tensors, the pure-torch reference otherwise
+    triton  always the kernel; on CPU tensors that needs TRITON_INTERPRET=1 set before triton is imported
+    torch   always the reference
+bf16 experts have no kernel yet and run their reference under every setting; bf16 matmuls go to
+cuBLAS through F.linear.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
-from .int4 import dequantize
-from .kernels.mla_decode import mla_decode_ref
-from .kernels.moe import fused_moe_ref, moe_loop_ref
+from .kernels.mla_decode import mla_decode, mla_decode_ref
+from .kernels.moe import fused_moe, fused_moe_ref, moe_loop_ref
+from .kernels.routing import route as route_kernel
 from .kernels.routing import route_ref
-from .kernels.w4a16 import w4a16_matmul_ref
+from .kernels.w4a16 import is_interpreted, w4a16_matmul, w4a16_matmul_kernel, w4a16_matmul_ref
+
+KERNELS_ENV = "KIMI_ENGINE_KERNELS"
+KERNEL_MODES = ("auto", "triton", "torch")
+
+
+def kernel_mode() -> str:
+    """The KIMI_ENGINE_KERNELS setting: 'auto' (also when unset or empty), 'triton' or 'torch'."""
+    value = os.environ.get(KERNELS_ENV, "")
+    mode = value.strip().lower() or "auto"
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"{KERNELS_ENV}={value!r} is not one of {', '.join(KERNEL_MODES)}")
+    return mode
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """Whether an op on `x` runs its Triton kernel under the current KIMI_ENGINE_KERNELS."""
+    mode = kernel_mode()
+    if mode == "torch" or (mode == "auto" and not x.is_cuda):
+        return False
+    if not x.is_cuda and not is_interpreted(w4a16_matmul_kernel):
+        raise RuntimeError(f"{KERNELS_ENV}=triton on {x.device} tensors needs TRITON_INTERPRET=1 in the "
+                           "environment before triton is first imported (or CUDA tensors)")
+    return True
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -23,29 +52,33 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [..., K] @ INT4 weight (packed [N, K/8], scale [N, K/G]).T -> [..., N]."""
-    return w4a16_matmul_ref(x.reshape(-1, x.shape[-1]), packed, scale).view(*x.shape[:-1], packed.shape[0])
+    x2 = x.reshape(-1, x.shape[-1])
+    if use_triton(x):
+        y = w4a16_matmul(x2, packed, scale, group_size=x.shape[-1] // max(scale.shape[-1], 1))
+    else:
+        y = w4a16_matmul_ref(x2, packed, scale)
+    return y.view(*x.shape[:-1], packed.shape[0])
 
 
 def route(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, n_group: int, topk_group: int,
           norm_topk_prob: bool, routed_scaling_factor: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Router logits [T, E] -> (weights [T, K] float32, expert ids [T, K] int32); see route_ref."""
-    return route_ref(logits, bias, top_k, n_group, topk_group, norm_topk_prob, routed_scaling_factor)
+    fn = route_kernel if use_triton(logits) else route_ref
+    return fn(logits, bias, top_k, n_group, topk_group, norm_topk_prob, routed_scaling_factor)
 
 
 def moe_int4(x, gate_up_packed, gate_up_scale, down_packed, down_scale, topk_weights, topk_ids):
     """Routed INT4 experts: x [T, D] -> [T, D]; see fused_moe_ref for the layout."""
-    return fused_moe_ref(x, gate_up_packed, gate_up_scale, down_packed, down_scale, topk_weights, topk_ids)
+    fn = fused_moe if use_triton(x) else fused_moe_ref
+    return fn(x, gate_up_packed, gate_up_scale, down_packed, down_scale, topk_weights, topk_ids)
 
 
 def moe_dense(x, gate_up_weight, down_weight, topk_weights, topk_ids):
-    """Routed bf16 experts: gate_up [E, 2I, D], down [E, D, I]; x [T, D] -> [T, D]."""
+    """Routed bf16 experts: gate_up [E, 2I, D], down [E, D, I]; x [T, D] -> [T, D] (reference loop; no kernel yet)."""
     return moe_loop_ref(x, lambda e: (gate_up_weight[e], down_weight[e]), topk_weights, topk_ids)
 
 
-def mla_attention(q_latent, q_rope, kv_latent, k_rope, seq_lens, softmax_scale):
-    """Absorbed MLA attention over the latent cache -> [B, S, H, C]; see mla_decode_ref."""
-    return mla_decode_ref(q_latent, q_rope, kv_latent, k_rope, seq_lens, softmax_scale)
-
-
-def dequantize_weight(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return dequantize(packed, scale, dtype)
+def mla_attention(q_latent, q_rope, kv_cache, block_table, seq_lens, softmax_scale, kv_scale=None):
+    """Absorbed MLA attention of Q query rows over a paged latent cache -> [Q, H, C]; see mla_decode_ref."""
+    fn = mla_decode if use_triton(q_latent) else mla_decode_ref
+    return fn(q_latent, q_rope, kv_cache, block_table, seq_lens, softmax_scale, kv_scale)

@@ -79,10 +79,12 @@ def read_tiktoken_model(path: Path) -> list[bytes]:
         by_rank[rank] = token
     tokens = [by_rank.get(rank) for rank in range(len(by_rank))]
     if None in tokens:
-        raise CheckpointError(f"{path}: ranks must be 0..{len(by_rank) - 1} without gaps (rank {tokens.index(None)} is missing)")
-    if len(set(tokens)) != len(tokens):
+        raise CheckpointError(f"{path}: ranks must be 0..{len(by_rank) - 1} without gaps "
+                              f"(rank {tokens.index(None)} is missing)")
+    distinct = set(tokens)
+    if len(distinct) != len(tokens):
         raise CheckpointError(f"{path}: the same token bytes appear under two ranks")
-    missing = [b for b in range(256) if bytes([b]) not in set(tokens)]
+    missing = [b for b in range(256) if bytes([b]) not in distinct]
     if missing:
         raise CheckpointError(f"{path}: byte-level BPE needs all 256 single bytes; byte {missing[0]} is missing")
     return tokens
@@ -100,7 +102,8 @@ def read_special_tokens(config: dict, path: Path, num_base: int) -> dict[int, st
     for key, entry in decoder.items():
         content = entry.get("content") if isinstance(entry, dict) else entry
         if not (isinstance(key, str) and key.isdigit() and isinstance(content, str) and content):
-            raise CheckpointError(f"{path}: added_tokens_decoder entry {key!r} needs an integer id and a 'content' string")
+            raise CheckpointError(f"{path}: added_tokens_decoder entry {key!r} needs an integer id and a "
+                                  "'content' string")
         if int(key) < num_base:
             raise CheckpointError(f"{path}: added token {content!r} has id {key}, inside the base vocabulary "
                                   f"(0..{num_base - 1}) of {VOCAB_FILE}")
@@ -163,7 +166,10 @@ def _token_name(config: dict, key: str, path: Path) -> str | None:
 def _chat_template(directory: Path, config: dict, path: Path) -> str | None:
     """The directory's chat template: chat_template.jinja, else tokenizer_config.json's chat_template."""
     if (directory / TEMPLATE_FILE).is_file():
-        return (directory / TEMPLATE_FILE).read_text(encoding="utf-8")
+        try:
+            return (directory / TEMPLATE_FILE).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{directory / TEMPLATE_FILE}: cannot read ({e})") from None
     template = config.get("chat_template")
     if isinstance(template, list):  # HF's named templates: [{"name": ..., "template": ...}]
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
@@ -183,7 +189,7 @@ class Tokenizer:
 
     def __init__(self, tokens: list[bytes], special_tokens: dict[int, str], *, bos_token: str | None = None,
                  eos_token: str | None = None, chat_template: str | None = None):
-        self._backend = build_backend(tokens, special_tokens)
+        self.backend = build_backend(tokens, special_tokens)   # the `tokenizers.Tokenizer` (can save tokenizer.json)
         self.special_tokens = {s: i for i, s in special_tokens.items()}     # string -> id
         self.vocab_size = len(tokens) + len(special_tokens)
         # Bytes of every id, for the incremental decoder.
@@ -217,14 +223,11 @@ class Tokenizer:
         names = set(specials.values())
         bos = _token_name(config, "bos_token", config_path) or ("[BOS]" if "[BOS]" in names else None)
         eos = _token_name(config, "eos_token", config_path) or ("[EOS]" if "[EOS]" in names else None)
-        for key, token in (("bos_token", bos), ("eos_token", eos)):
-            if token is not None and token not in names:
-                raise CheckpointError(f"{config_path}: {key} {token!r} is not in added_tokens_decoder")
+        template = _chat_template(directory, config, config_path)
         try:
-            return cls(tokens, specials, bos_token=bos, eos_token=eos,
-                       chat_template=_chat_template(directory, config, config_path))
-        except ValueError as e:
-            raise CheckpointError(f"{directory}: {e}") from None
+            return cls(tokens, specials, bos_token=bos, eos_token=eos, chat_template=template)
+        except ValueError as e:   # bos/eos not special, or a special token that cannot sit at its id
+            raise CheckpointError(f"{config_path}: {e}") from None
 
     # ids and strings
     @property
@@ -237,26 +240,30 @@ class Tokenizer:
 
     def token_to_id(self, token: str) -> int | None:
         """Id of a special string or of a base token in ByteLevel form (e.g. 'Ġthe'); None if unknown."""
-        return self._backend.token_to_id(token)
+        return self.backend.token_to_id(token)
 
     def id_to_token(self, token_id: int) -> str | None:
         """Inverse of token_to_id; None for an id outside the vocabulary."""
-        return self._backend.id_to_token(token_id)
+        return self.backend.id_to_token(token_id)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; special token strings in it become their ids. No BOS is added."""
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
-        return self._backend.encode(text, add_special_tokens=False).ids
+        return self.backend.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
-        """Text of token ids (invalid UTF-8 becomes U+FFFD). Raises ValueError for an id outside the vocabulary."""
-        ids = [int(i) for i in ids]
+        """Text of one id or a sequence of ids (invalid UTF-8 becomes U+FFFD).
+
+        Raises ValueError for an id outside the vocabulary (`tokenizers` would skip it silently).
+        """
+        ids = [int(ids)] if isinstance(ids, int) else [int(i) for i in ids]
         if ids and not 0 <= min(ids) <= max(ids) < self.vocab_size:
             raise ValueError(f"token ids must lie in [0, vocab_size={self.vocab_size})")
-        return self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
+        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def incremental_decoder(self, skip_special_tokens: bool = False) -> "IncrementalDecoder":
+        """A fresh streaming decoder (one per generated sequence)."""
         return IncrementalDecoder(self, skip_special_tokens)
 
     # chat
@@ -267,10 +274,9 @@ class Tokenizer:
         Returns the token ids, or the string when tokenize=False. Extra kwargs reach the template
         (after bos_token / eos_token, which they may override).
         """
-        special = {"bos_token": self.bos_token, "eos_token": self.eos_token}
+        special = {k: v for k, v in (("bos_token", self.bos_token), ("eos_token", self.eos_token)) if v is not None}
         text = render_chat_template(messages, tools, chat_template=self.chat_template,
-                                    add_generation_prompt=add_generation_prompt,
-                                    **{k: v for k, v in special.items() if v is not None}, **kwargs)
+                                    add_generation_prompt=add_generation_prompt, **{**special, **kwargs})
         return self.encode(text) if tokenize else text
 
 

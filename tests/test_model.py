@@ -59,26 +59,31 @@ def engine(tmp_path_factory):
     return ke.load(path, dtype=torch.float32, progress=False, max_seq_len=256)
 
 
+def _forward(engine, cache, seqs, tokens, absorb=None):
+    return engine.model(torch.tensor(tokens), cache.prepare(seqs, len(tokens[0])), cache, absorb=absorb)
+
+
 def test_absorbed_equals_naive(engine):
-    tokens = torch.tensor([PROMPT])
-    naive = engine.model(tokens, 0, engine.new_cache(1, 64), absorb=False)
-    absorbed = engine.model(tokens, 0, engine.new_cache(1, 64), absorb=True)
+    caches = [engine.new_cache(), engine.new_cache()]
+    naive, absorbed = (_forward(engine, c, [c.add_sequence()], [PROMPT], absorb=a) for c, a in zip(caches, (False, True)))
     torch.testing.assert_close(absorbed, naive, rtol=1e-5, atol=1e-5)
 
 
 def test_step_by_step_decode_equals_prefill(engine):
     full = engine.logits(PROMPT)
-    cache = engine.new_cache(1, 64)
+    cache = engine.new_cache(block_size=16)
+    seq = cache.add_sequence()
     split = 25  # a prefill, then one token at a time (absorbed form) over the same cache
-    steps = [engine.model(torch.tensor([PROMPT[:split]]), 0, cache)[0]]
-    steps += [engine.model(torch.tensor([[t]]), split + i, cache)[0] for i, t in enumerate(PROMPT[split:])]
-    torch.testing.assert_close(torch.cat(steps).float(), full, rtol=1e-5, atol=1e-5)
+    steps = [engine.prefill(cache, seq, PROMPT[:split], all_logits=True)]
+    steps += [engine.decode_step(cache, [seq], [t]) for t in PROMPT[split:]]
+    torch.testing.assert_close(torch.cat(steps), full, rtol=1e-5, atol=1e-5)
 
 
 def test_batch_rows_are_independent(engine):
     a, b = PROMPT[:20], PROMPT[20:]
-    both = engine.model(torch.tensor([a, b]), 0, engine.new_cache(2, 32))
-    torch.testing.assert_close(both[1], engine.logits(b), rtol=1e-5, atol=1e-5)
+    cache = engine.new_cache()
+    both = _forward(engine, cache, [cache.add_sequence(), cache.add_sequence()], [a, b])
+    torch.testing.assert_close(both[1].float(), engine.logits(b), rtol=1e-5, atol=1e-5)
 
 
 def test_greedy_uses_the_cache_and_matches_recomputation(engine):
@@ -87,14 +92,6 @@ def test_greedy_uses_the_cache_and_matches_recomputation(engine):
     for _ in range(12):  # the slow way: a full prefill for every token
         ids.append(int(engine.logits(ids)[-1].argmax()))
     assert new == ids[10:]
-
-
-def test_long_positions_stay_finite(engine):
-    # Positions far past YaRN's original length (128 in the tiny config).
-    cache = engine.new_cache(1, 256)
-    engine.model(torch.tensor([PROMPT * 5]), 0, cache)
-    out = engine.model(torch.tensor([[5]]), 200, cache)
-    assert torch.isfinite(out).all()
 
 
 @pytest.mark.parametrize("ids, match", [([], "empty"), ([0, 256], "vocab_size"), ([1] * 300, "max_seq_len")])
