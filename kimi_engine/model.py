@@ -144,8 +144,11 @@ class MLA(nn.Module):
         self.kv_b_proj = Linear(c.kv_lora_rank, c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim))
         self.o_proj = Linear(c.num_attention_heads * c.v_head_dim, c.hidden_size)
 
-    def forward(self, x: torch.Tensor, batch: CacheBatch, cos: torch.Tensor, sin: torch.Tensor,
-                cache: LatentCache, layer: int, absorb: bool) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                cache: LatentCache | None, batch: CacheBatch | None, layer: int, absorb: bool) -> torch.Tensor:
+        """x [B, S, D] at positions [B, S] -> [B, S, D]. With a cache, the new tokens' latents are
+        written to it and attention covers everything cached; without one (training, scoring),
+        attention covers these S tokens only."""
         B, S, _ = x.shape
         H, N, R, V, C = self.n_heads, self.nope_dim, self.rope_dim, self.v_dim, self.kv_lora_rank
         if hasattr(self, "q_proj"):
@@ -155,7 +158,11 @@ class MLA(nn.Module):
         q_nope, q_rope = q.view(B, S, H, N + R).split([N, R], dim=-1)   # [B, S, H, N], [B, S, H, R]
         q_rope = apply_rope(q_rope, cos, sin)
         latent, k_rope = self.kv_a_proj_with_mqa(x).split([C, R], dim=-1)  # [B, S, C], [B, S, R]
-        cache.write(layer, batch, self.kv_a_layernorm(latent), apply_rope(k_rope, cos, sin))
+        latent, k_rope = self.kv_a_layernorm(latent), apply_rope(k_rope, cos, sin)
+        if cache is None:
+            o = self.attend_naive(q_nope, q_rope, latent, k_rope, positions)
+            return self.o_proj(o.flatten(2))
+        cache.write(layer, batch, latent, k_rope)
 
         if absorb:
             w_uk, w_uv = self.kv_b_proj.dense_weight(x.dtype).view(H, N + V, C).split([N, V], dim=1)
@@ -163,11 +170,11 @@ class MLA(nn.Module):
             # One row per query token, each with its own causal length, all reading its sequence's blocks.
             o_latent = ops.mla_attention(
                 q_latent.flatten(0, 1), q_rope.flatten(0, 1), cache.kv[layer],
-                batch.block_table.repeat_interleave(S, dim=0), (batch.positions + 1).flatten().int(),
+                batch.block_table.repeat_interleave(S, dim=0), (positions + 1).flatten().int(),
                 self.softmax_scale, None if cache.kv_scale is None else cache.kv_scale[layer])
             o = torch.einsum("bshc,hvc->bshv", o_latent.view(B, S, H, C), w_uv)  # [B, S, H, V]
         else:
-            o = self.attend_naive(q_nope, q_rope, *cache.gather(layer, batch), batch.positions)
+            o = self.attend_naive(q_nope, q_rope, *cache.gather(layer, batch), positions)
         return self.o_proj(o.flatten(2))
 
     def attend_naive(self, q_nope, q_rope, latent, k_rope, positions, kv_tile: int = KV_TILE):
@@ -293,8 +300,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MoE(config) if config.is_moe_layer(layer) else MLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x, batch, cos, sin, cache, absorb):
-        x = x + self.self_attn(self.input_layernorm(x), batch, cos, sin, cache, self.layer, absorb)
+    def forward(self, x, cos, sin, positions, cache, batch, absorb):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache, batch, self.layer, absorb)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -338,18 +345,25 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos.to(device), persistent=False)
         self.register_buffer("rope_sin", sin.to(device), persistent=False)
 
-    def forward(self, tokens: torch.Tensor, batch: CacheBatch, cache: LatentCache,
+    def forward(self, tokens: torch.Tensor, batch: CacheBatch | None = None, cache: LatentCache | None = None,
                 absorb: bool | None = None, last_only: bool = False) -> torch.Tensor:
-        """tokens [B, S] at batch.positions -> logits [B, S, vocab] (or [B, 1, vocab] with last_only)
-        in the model dtype. Writes the new tokens' latents into `cache` (see LatentCache.prepare).
+        """tokens [B, S] -> logits [B, S, vocab] (or [B, 1, vocab] with last_only) in the model dtype.
 
-        absorb: attention form; default naive for prompts (S > 1), absorbed for single-token decode.
+        With a cache: the tokens sit at batch.positions and their latents are written into `cache`
+        (see LatentCache.prepare). Without one: positions 0 .. S-1, attending only among themselves
+        (training and scoring; differentiable). absorb: attention form; default naive for prompts
+        (S > 1), absorbed for single-token decode.
         """
-        absorb = tokens.shape[1] == 1 if absorb is None else absorb
-        cos, sin = self.rope_cos[batch.positions], self.rope_sin[batch.positions]     # [B, S, R/2]
+        B, S = tokens.shape
+        if cache is None:
+            positions, absorb = torch.arange(S, device=tokens.device).expand(B, S), False
+        else:
+            positions = batch.positions
+            absorb = S == 1 if absorb is None else absorb
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]   # [B, S, R/2]
         h = self.model.embed_tokens(tokens)                              # [B, S, D]
         for block in self.model.layers:
-            h = block(h, batch, cos, sin, cache, absorb)
+            h = block(h, cos, sin, positions, cache, batch, absorb)
         h = self.model.norm(h[:, -1:] if last_only else h)
         if self.lm_head is None:
             return F.linear(h, self.model.embed_tokens.weight)

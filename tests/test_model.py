@@ -79,6 +79,13 @@ def test_step_by_step_decode_equals_prefill(engine):
     torch.testing.assert_close(torch.cat(steps), full, rtol=1e-5, atol=1e-5)
 
 
+def test_cacheless_forward_equals_prefill(engine):
+    # The training / scoring path: no cache, attention among the given tokens only.
+    with torch.no_grad():
+        logits = engine.model(torch.tensor([PROMPT, PROMPT[::-1]]))
+    torch.testing.assert_close(logits[1].float(), engine.logits(PROMPT[::-1]), rtol=1e-5, atol=1e-5)
+
+
 def test_batch_rows_are_independent(engine):
     a, b = PROMPT[:20], PROMPT[20:]
     cache = engine.new_cache()
