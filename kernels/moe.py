@@ -35,10 +35,13 @@ def moe_loop_ref(
     """x [T, D], routing weights/ids [T, K] -> [T, D] in x.dtype.
 
     `expert_weights(e)` gives (gate_up [2I, D], down [D, I]) in x.dtype. Vectorized over tokens: one
-    pass per expert that received tokens; the weighted sum accumulates in float32.
+    pass per expert that received tokens; the weighted sum accumulates in float32. An id of -1 (an
+    expert held by another rank under expert parallelism) contributes nothing.
     """
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for e in topk_ids.unique().tolist():
+        if e < 0:
+            continue
         token, slot = torch.nonzero(topk_ids == e, as_tuple=True)
         gate_up, down = expert_weights(e)
         gate, up = F.linear(x[token], gate_up).chunk(2, dim=-1)
@@ -71,23 +74,25 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[t
     """Expert-major blocks of (token, slot) pairs -> (sorted_ids [R] int32, block_expert [R / block_m] int32).
 
     sorted_ids holds pair indices p = t*K + k, each expert's run padded to a multiple of block_m with
-    the sentinel T*K; block_expert[b] is the expert of block b, or -1 for the unused blocks at the end.
-    R = T*K + min(E, T*K) * (block_m - 1) (rounded up to a block) bounds the padded length without a
-    host sync. Experts without tokens get no blocks. With block_m == 1 the pairs stay in their natural
-    order (no sort, no padding: the decode path).
+    the sentinel T*K; block_expert[b] is the expert of block b, or -1 for blocks to skip: the unused
+    ones at the end, and those of pairs whose id is -1 (another rank's expert), sorted last as if
+    they were expert E. R = T*K + min(E + 1, T*K) * (block_m - 1) (rounded up to a block) bounds the
+    padded length without a host sync. Experts without tokens get no blocks. With block_m == 1 the
+    pairs stay in their natural order (no sort, no padding: the decode path).
     """
     pairs = topk_ids.numel()
     flat = topk_ids.reshape(-1)
     if block_m == 1:
         return torch.arange(pairs, dtype=torch.int32, device=flat.device), flat.to(torch.int32)
-    flat = flat.long()
-    counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+    flat = flat.long().masked_fill(flat < 0, num_experts)                # -1 -> run E, whose blocks are skipped
+    runs = num_experts + 1
+    counts = torch.zeros(runs, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
     padded = (counts + block_m - 1) // block_m * block_m
-    ends = padded.cumsum(0)                                              # [E] end of each expert's run
+    ends = padded.cumsum(0)                                              # [E + 1] end of each expert's run
     order = torch.argsort(flat, stable=True)                             # pair indices, expert-major
     expert_of = flat[order]
     rank = torch.arange(pairs, device=flat.device) - (counts.cumsum(0) - counts)[expert_of]
-    rows = triton.cdiv(pairs + min(num_experts, pairs) * (block_m - 1), block_m) * block_m
+    rows = triton.cdiv(pairs + min(runs, pairs) * (block_m - 1), block_m) * block_m
     sorted_ids = torch.full((rows,), pairs, dtype=torch.int32, device=flat.device)
     sorted_ids[(ends - padded)[expert_of] + rank] = order.to(torch.int32)
     block_start = torch.arange(0, rows, block_m, device=flat.device)
@@ -191,8 +196,9 @@ def fused_moe(
     """INT4 routed experts, fused: x [T, D] -> [T, D] in x.dtype; same layout and result as fused_moe_ref.
 
     gate_up_packed int32 [E, 2I, D/8] + gate_up_scale [E, 2I, D/G] (rows :I gate, I: up), down_packed
-    [E, D, I/8] + down_scale [E, D, I/G]; topk_weights [T, K] float, topk_ids [T, K] int in [0, E)
-    (not checked: that would sync the host). h and y are kept in x.dtype, as in the reference.
+    [E, D, I/8] + down_scale [E, D, I/G]; topk_weights [T, K] float, topk_ids [T, K] int in [0, E),
+    or -1 for a pair to skip (another rank's expert under expert parallelism; not checked: that
+    would sync the host). h and y are kept in x.dtype, as in the reference.
     """
     if x.dim() != 2 or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise TypeError(f"x must be a 2-D bf16/fp16/fp32 tensor [T, D], got {x.dtype} {tuple(x.shape)}")
@@ -226,7 +232,7 @@ def fused_moe(
     sorted_ids, block_expert = moe_align(topk_ids, E, block_m)
     topk_weights = topk_weights.contiguous()
     h = torch.empty(pairs, I, dtype=x.dtype, device=x.device)
-    y = torch.empty(pairs, D, dtype=x.dtype, device=x.device)
+    y = torch.zeros(pairs, D, dtype=x.dtype, device=x.device)   # skipped (-1) pairs add zero
     common = dict(GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                   DOT_DTYPE=dot_dtype(x.dtype, interpreted), num_warps=num_warps, num_stages=num_stages)
 

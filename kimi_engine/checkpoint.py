@@ -5,7 +5,8 @@
 Loading validates everything first (every tensor the config implies is present, nothing unexpected,
 shapes, dtypes and INT4 `weight_shape` values right) from the shard headers, then builds the model
 on the meta device, allocates it once on the target device and copies tensors in one at a time from
-memory-mapped shards. INT4 weights stay packed; routed experts land in per-layer stacks.
+memory-mapped shards. INT4 weights stay packed; routed experts land in per-layer stacks. One rank
+of a tensor/expert-parallel model (distributed.py) reads only its slices and its own experts.
 Any problem raises CheckpointError naming the file and the tensor or key. Never unpickles.
 """
 
@@ -15,6 +16,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -26,6 +28,9 @@ from . import int4
 from .config import ModelConfig
 from .errors import CheckpointError
 from .model import Transformer
+
+if TYPE_CHECKING:
+    from .distributed import Parallel
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -42,11 +47,22 @@ _FILE_SUFFIX = {"weight": "weight", "packed": "weight_packed", "scale": "weight_
 
 @dataclass(frozen=True)
 class Slot:
-    """Where checkpoint tensor `key` goes: model parameter `param`, at `index` (None: all of it)."""
+    """Where checkpoint tensor `key` goes: model parameter `param`, at `index` (None: all of it).
+
+    shape is the tensor's shape in the checkpoint; `source` the part of it this rank reads (None: all).
+    """
     param: str | None       # None for weight_shape entries, which are checked, not stored
     index: tuple | None
     shape: tuple[int, ...]
     kind: str               # float | packed | scale | bias | shape
+    source: tuple[slice, ...] | None = None
+
+    def read_numel(self) -> int:
+        """Elements read from the checkpoint tensor: all of `shape`, or the `source` part of it."""
+        n = 1
+        for i, d in enumerate(self.shape):
+            n *= len(range(d)[self.source[i]]) if self.source and i < len(self.source) else d
+        return n
 
 
 def _kind(param_name: str) -> str:
@@ -59,20 +75,38 @@ def _kind(param_name: str) -> str:
     return "float"
 
 
+def _shard(module: nn.Module, shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[slice, ...] | None]:
+    """(checkpoint shape, the slice of it held) of a parameter of `module` with this `shape`.
+
+    A module split across ranks (`shard_dim` set, see distributed.py) holds block `rank` of
+    world_size equal blocks along that dim, for each of its parameters (INT4 packed and scale too).
+    """
+    dim = getattr(module, "shard_dim", None)
+    if dim is None:
+        return shape, None
+    n, rank, world = shape[dim], module.parallel.rank, module.parallel.world_size
+    return shape[:dim] + (n * world,) + shape[dim + 1:], (slice(None),) * dim + (slice(rank * n, (rank + 1) * n),)
+
+
 def checkpoint_layout(model: Transformer) -> dict[str, Slot]:
-    """Every checkpoint key the model expects, in model order, with its shape and destination."""
+    """Every checkpoint key the model expects, in model order, with its shape and destination.
+
+    For one rank of a parallel model: the keys it holds (its own experts only), with their slices.
+    """
     slots: dict[str, Slot] = {}
     for name, p in model.named_parameters():
         m = _STACKED.match(name)
         if m is None:
-            slots[name] = Slot(name, None, tuple(p.shape), _kind(name))
+            shape, source = _shard(model.get_submodule(name.rpartition(".")[0]), tuple(p.shape))
+            slots[name] = Slot(name, None, shape, _kind(name), source)
             continue
         kind, rows = m["kind"], p.shape[1]
         parts = ([("gate", slice(0, rows // 2)), ("up", slice(rows // 2, rows))] if m["part"] == "gate_up"
                  else [("down", slice(0, rows))])
+        first = model.get_submodule(m["prefix"]).first_expert   # expert parallel: the stack's first global id
         for e in range(p.shape[0]):
             for proj, sl in parts:
-                key = f"{m['prefix']}.{e}.{proj}_proj.{_FILE_SUFFIX[kind]}"
+                key = f"{m['prefix']}.{first + e}.{proj}_proj.{_FILE_SUFFIX[kind]}"
                 slots[key] = Slot(name, (e, sl), (sl.stop - sl.start,) + tuple(p.shape[2:]), _kind(name))
     for key, slot in list(slots.items()):
         if slot.kind == "packed":  # every INT4 module also carries weight_shape = [out, in]
@@ -97,8 +131,12 @@ class TensorInfo:
     shape: tuple[int, ...]
 
     @property
+    def itemsize(self) -> int:
+        return TORCH_DTYPES[self.dtype].itemsize if self.dtype in TORCH_DTYPES else 1
+
+    @property
     def nbytes(self) -> int:
-        n = TORCH_DTYPES[self.dtype].itemsize if self.dtype in TORCH_DTYPES else 1
+        n = self.itemsize
         for d in self.shape:
             n *= d
         return n
@@ -209,33 +247,43 @@ def _memory_dtype(slot: Slot, info: TensorInfo, dtype: torch.dtype) -> torch.dty
     return TORCH_DTYPES[info.dtype]
 
 
-def check_checkpoint(path: str | Path) -> tuple[ModelConfig, Transformer, dict[str, Slot], dict[str, TensorInfo]]:
+def check_checkpoint(path: str | Path, parallel: Parallel | None = None
+                     ) -> tuple[ModelConfig, Transformer, dict[str, Slot], dict[str, TensorInfo]]:
     """Validate a checkpoint directory from its config and shard headers, reading no weights.
 
-    Returns the config, the model built on the meta device, its layout and the tensors found.
+    Returns the config, the model built on the meta device, its layout and the tensors found. With
+    `parallel` (world_size > 1): the whole checkpoint is validated, but the model and layout are this
+    rank's, and only its INT4 weight_shape values are read.
     """
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: checkpoint directory not found")
     config = ModelConfig.from_json(path / "config.json")
     infos = read_headers(path)
+    parallel = parallel if parallel is not None and parallel.world_size > 1 else None
     try:
+        if parallel is not None:
+            parallel.check(config)   # the config's heads, widths, experts and vocabulary split evenly
         with torch.device("meta"):
-            model = Transformer(config)
+            full = Transformer(config)
+            model = full if parallel is None else Transformer(config, parallel)
     except ValueError as e:
         raise CheckpointError(f"{path / 'config.json'}: {e}") from None
+    validate(checkpoint_layout(full), infos, config, path)   # a rank, too, checks the whole checkpoint
     slots = checkpoint_layout(model)
-    validate(slots, infos, config, path)
     _check_weight_shapes(slots, infos)
     return config, model, slots, infos
 
 
 def load_model(path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype = torch.bfloat16,
-               progress: bool = True) -> tuple[Transformer, ModelConfig]:
-    """Validate and load a checkpoint directory -> (model on `device`, config). See the module docstring."""
+               progress: bool = True, parallel: Parallel | None = None) -> tuple[Transformer, ModelConfig]:
+    """Validate and load a checkpoint directory -> (model on `device`, config). See the module docstring.
+
+    parallel: load one rank's shard of the model (distributed.py); it reads only that rank's bytes.
+    """
     path = Path(path)
     device = torch.device(device or "cpu")
-    config, model, slots, infos = check_checkpoint(path)
+    config, model, slots, infos = check_checkpoint(path, parallel)
 
     # Allocate every parameter once, on the device, in its memory dtype (nothing exists twice).
     memory_dtype = {slot.param: _memory_dtype(slot, infos[key], dtype) for key, slot in slots.items() if slot.param}
@@ -250,15 +298,18 @@ def load_model(path: str | Path, device: torch.device | str | None = None, dtype
     for key, slot in slots.items():
         if slot.param is not None:
             by_file.setdefault(infos[key].file, []).append(key)
-    total = sum(infos[k].nbytes for keys in by_file.values() for k in keys)
-    with tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {path.name}", disable=not progress) as bar:
+    nbytes = {k: slots[k].read_numel() * infos[k].itemsize for keys in by_file.values() for k in keys}
+    total = sum(nbytes.values())
+    quiet = not progress or (parallel is not None and parallel.rank > 0)   # one bar per job, not per rank
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {path.name}", disable=quiet) as bar:
         for file, keys in by_file.items():
             with safe_open(file, framework="pt", device="cpu") as f:
                 for key in keys:
                     slot = slots[key]
                     dest = params[slot.param]
-                    (dest if slot.index is None else dest[slot.index]).copy_(f.get_tensor(key))
-                    bar.update(infos[key].nbytes)
+                    t = f.get_tensor(key) if slot.source is None else f.get_slice(key)[slot.source]
+                    (dest if slot.index is None else dest[slot.index]).copy_(t)
+                    bar.update(nbytes[key])
     model.reset_rope(device)
     return model.eval(), config
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from .checkpoint import Slot, check_checkpoint
@@ -78,14 +79,118 @@ def inspect(path: Path) -> int:
     return 0
 
 
+def _load(args):
+    import torch
+
+    from .engine import load
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32,
+             "bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+    return load(args.model, device=device, dtype=dtype, progress=args.model is not None)
+
+
+def _sampling(args) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                top_k=args.top_k, seed=args.seed)
+
+
+def generate(args) -> int:
+    engine = _load(args)
+    start = first = time.perf_counter()
+    completion_tokens = 0
+    for delta in engine.generate(args.prompt, stream=True, **_sampling(args)):
+        if completion_tokens == 0:
+            first = time.perf_counter()
+        completion_tokens += len(delta.token_ids)
+        print(delta.text, end="", flush=True)
+    end = time.perf_counter()
+    print()
+    if args.stats:
+        prompt_tokens = len(engine.tokenizer.encode(args.prompt))
+        decode = (completion_tokens - 1) / (end - first) if completion_tokens > 1 and end > first else float("nan")
+        print(f"[prefill {prompt_tokens} tokens: {prompt_tokens / (first - start):,.1f} tok/s | decode "
+              f"{completion_tokens - 1} tokens: {decode:,.1f} tok/s | {engine.device}, {engine.dtype}]",
+              file=sys.stderr)
+    return 0
+
+
+def chat(args) -> int:
+    engine = _load(args)
+    messages: list[dict] = []
+    dim, reset = ("\033[2m", "\033[0m") if sys.stdout.isatty() else ("", "")
+    print("kimi-engine chat: an empty line or Ctrl-D ends it.", file=sys.stderr)
+    while True:
+        try:
+            user = input("you> ")
+        except EOFError:
+            break
+        if not user.strip():
+            break
+        messages.append({"role": "user", "content": user})
+        reply = {"role": "assistant", "content": "", "reasoning_content": ""}
+        section = None
+        for delta in engine.chat(messages, thinking=not args.no_thinking, stream=True, **_sampling(args)):
+            for key, label in (("reasoning_content", f"{dim}thinking> "), ("content", f"{reset}kimi> ")):
+                if key in delta:
+                    if section != key:
+                        print(("\n" if section else "") + label, end="")
+                        section = key
+                    print(delta[key], end="", flush=True)
+                    reply[key] += delta[key]
+        print(reset)
+        messages.append(reply)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kimi-engine", description="Run Kimi K2 Thinking from Python.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="summarize and validate a checkpoint directory (reads headers only)")
     p.add_argument("path", type=Path)
+    p = sub.add_parser("plan", help="per-GPU memory and the batch-1 decode floor of a model split over GPUs")
+    p.add_argument("--config", type=Path, required=True, help="config.json (or a checkpoint directory)")
+    p.add_argument("--world-size", type=int, default=8, help="GPUs the model is split over")
+    p.add_argument("--gpu-memory", type=float, required=True, help="memory per GPU in GB (10^9 bytes)")
+    p.add_argument("--context", type=int, required=True, help="tokens per sequence")
+    p.add_argument("--batch", type=int, default=1, help="sequences held in the KV cache")
+    p.add_argument("--kv-fp8", action="store_true", help="an fp8 latent cache")
+    for name, help_text in (("generate", "stream a completion of PROMPT to stdout"),
+                            ("chat", "an interactive chat that shows the reasoning apart from the answer")):
+        p = sub.add_parser(name, help=help_text)
+        if name == "generate":
+            p.add_argument("prompt")
+            p.add_argument("--stats", action="store_true", help="print prefill and decode tokens/s to stderr")
+        else:
+            p.add_argument("--no-thinking", action="store_true", help="answer without a reasoning block")
+        p.add_argument("--model", type=Path, default=None, help="checkpoint directory (default: the built-in demo)")
+        p.add_argument("--max-new-tokens", type=int, default=200 if name == "generate" else 1024)
+        p.add_argument("--temperature", type=float, default=0.8)
+        p.add_argument("--top-p", type=float, default=0.95)
+        p.add_argument("--top-k", type=int, default=0)
+        p.add_argument("--seed", type=int, default=None)
+        p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+        p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                       help="auto: bfloat16 on CUDA, float32 on CPU")
     args = parser.parse_args(argv)
+    try:
+        if args.command == "generate":
+            return generate(args)
+        if args.command == "chat":
+            return chat(args)
+    except (ValueError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if args.command == "inspect":
         return inspect(args.path)
+    if args.command == "plan":
+        from .plan import format_plan, plan
+        try:
+            config = ModelConfig.from_json(args.config)
+            print(format_plan(plan(config, args.world_size, args.gpu_memory, args.context, args.batch, args.kv_fp8)))
+        except ValueError as e:   # CheckpointError too
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        return 0
     return 2
 
 

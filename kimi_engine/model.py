@@ -13,6 +13,7 @@ Shape legend:
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,9 @@ from . import ops
 from .cache import CacheBatch, LatentCache
 from .config import ModelConfig
 from .int4 import PACK_FACTOR, dequantize
+
+if TYPE_CHECKING:
+    from .distributed import Parallel
 
 
 KV_TILE = 4096  # context positions expanded at a time by the naive (prefill) attention
@@ -34,26 +38,40 @@ def _weight(*shape: int, dtype: torch.dtype | None = None) -> nn.Parameter:
 
 class Linear(nn.Module):
     """y = x W^T with W stored as in the checkpoint: `weight` [out, in] (bf16), or after
-    `make_int4()`, `weight_packed` int32 [out, in/8] + `weight_scale` [out, in/G] (see int4.py)."""
+    `make_int4()`, `weight_packed` int32 [out, in/8] + `weight_scale` [out, in/G] (see int4.py).
 
-    def __init__(self, in_features: int, out_features: int):
+    With a `parallel` group (see distributed.py), shard="column" holds this rank's block of the
+    outputs, shard="row" its block of the inputs, all-reducing the partial products unless
+    reduce=False (the caller combines them). `shard_dim` says which weight dim is split, for the loader.
+    """
+
+    def __init__(self, in_features: int, out_features: int, parallel: Parallel | None = None,
+                 shard: str | None = None, reduce: bool = True):
         super().__init__()
+        self.parallel, self.reduce = parallel, reduce
+        self.shard_dim = None if parallel is None else {None: None, "column": 0, "row": 1}[shard]
+        if self.shard_dim == 0:
+            out_features = parallel.split(out_features, "out_features")
+        elif self.shard_dim == 1:
+            in_features = parallel.split(in_features, "in_features")
         self.in_features, self.out_features = in_features, out_features
         self.weight = _weight(out_features, in_features)
         self.int4 = False
 
     def make_int4(self, group_size: int) -> None:
         if self.in_features % group_size:
-            raise ValueError(f"in_features {self.in_features} is not a multiple of the group size {group_size}")
+            split = f" (this rank's 1/{self.parallel.world_size} of the inputs)" if self.shard_dim == 1 else ""
+            raise ValueError(f"in_features {self.in_features}{split} is not a multiple of the group size {group_size}")
         del self.weight
         self.weight_packed = _weight(self.out_features, self.in_features // PACK_FACTOR, dtype=torch.int32)
         self.weight_scale = _weight(self.out_features, self.in_features // group_size, dtype=torch.bfloat16)
         self.int4 = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.int4:
-            return ops.int4_linear(x, self.weight_packed, self.weight_scale)
-        return ops.linear(x, self.weight)
+        y = ops.int4_linear(x, self.weight_packed, self.weight_scale) if self.int4 else ops.linear(x, self.weight)
+        if self.shard_dim == 1 and self.reduce:   # row-split: each rank summed over its inputs only
+            y = self.parallel.all_reduce(y)
+        return y
 
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """W [out, in] in `dtype` (dequantized if stored as INT4)."""
@@ -73,6 +91,27 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
+
+
+class Embedding(nn.Module):
+    """Token embeddings `weight` [vocab, D]. Vocabulary-parallel: each rank holds a block of rows,
+    looks up the tokens in it (zeros for the others) and an all-reduce sums the blocks' rows."""
+
+    def __init__(self, vocab_size: int, dim: int, parallel: Parallel | None = None):
+        super().__init__()
+        self.parallel, self.first_token, self.shard_dim = parallel, 0, None
+        if parallel is not None:
+            held = parallel.part(vocab_size, "vocab_size")
+            self.first_token, vocab_size, self.shard_dim = held.start, held.stop - held.start, 0
+        self.weight = _weight(vocab_size, dim)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.parallel is None:
+            return F.embedding(tokens, self.weight)
+        local = tokens - self.first_token
+        mine = (local >= 0) & (local < self.weight.shape[0])
+        h = F.embedding(local.where(mine, 0), self.weight).masked_fill(~mine[..., None], 0)
+        return self.parallel.all_reduce(h)
 
 
 # ------------------------------------------------------------------------------------------ rope
@@ -126,23 +165,28 @@ class MLA(nn.Module):
     directly; the same math with the matmuls reassociated, reading C + R values per cached token.
     """
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, parallel: Parallel | None = None):
         super().__init__()
         c = config
-        self.n_heads, self.kv_lora_rank = c.num_attention_heads, c.kv_lora_rank
+        # Tensor parallel: this rank's heads only (q_b/kv_b column-split by head, o_proj row-split).
+        # q_a and kv_a stay whole: the latent they make is shared by every head (see distributed.py).
+        self.n_heads = c.num_attention_heads if parallel is None else parallel.split(c.num_attention_heads,
+                                                                                     "num_attention_heads")
+        self.kv_lora_rank = c.kv_lora_rank
         self.nope_dim, self.rope_dim, self.v_dim = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
         self.softmax_scale = c.softmax_scale
         q_out = c.num_attention_heads * c.qk_head_dim
         if c.q_lora_rank is None:
-            self.q_proj = Linear(c.hidden_size, q_out)
+            self.q_proj = Linear(c.hidden_size, q_out, parallel, "column")
         else:
             self.q_a_proj = Linear(c.hidden_size, c.q_lora_rank)
             self.q_a_layernorm = RMSNorm(c.q_lora_rank, c.rms_norm_eps)
-            self.q_b_proj = Linear(c.q_lora_rank, q_out)
+            self.q_b_proj = Linear(c.q_lora_rank, q_out, parallel, "column")
         self.kv_a_proj_with_mqa = Linear(c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim)
         self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.rms_norm_eps)
-        self.kv_b_proj = Linear(c.kv_lora_rank, c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim))
-        self.o_proj = Linear(c.num_attention_heads * c.v_head_dim, c.hidden_size)
+        self.kv_b_proj = Linear(c.kv_lora_rank, c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim),
+                                parallel, "column")
+        self.o_proj = Linear(c.num_attention_heads * c.v_head_dim, c.hidden_size, parallel, "row")
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
                 cache: LatentCache | None, batch: CacheBatch | None, layer: int, absorb: bool) -> torch.Tensor:
@@ -199,8 +243,10 @@ class MLA(nn.Module):
             if t0 + k_nope.shape[1] > first_query + 1:
                 t = torch.arange(t0, t0 + k_nope.shape[1], device=scores.device)
                 scores.masked_fill_(t.view(1, 1, 1, -1) > positions[:, :, None, None], float("-inf"))
-            # Every query sees position 0, so m_new is finite from the first tile on.
-            m_new = torch.maximum(m, scores.amax(-1))
+            # Every query sees position 0, so m_new is finite from the first tile on. The max is only a
+            # shift the result does not depend on: detached, so backward needs no copy of `scores`
+            # (amax would save it, and the in-place sub_/exp_ below overwrite it).
+            m_new = torch.maximum(m, scores.detach().amax(-1))
             p = scores.sub_(m_new[..., None]).exp_()
             correction = torch.exp(m - m_new)
             l = l * correction + p.sum(-1)
@@ -211,13 +257,14 @@ class MLA(nn.Module):
 
 # ------------------------------------------------------------------------------------------ FFN
 class MLP(nn.Module):
-    """SiLU-gated feed-forward: the dense layers and the shared experts."""
+    """SiLU-gated feed-forward: the dense layers and the shared experts. Tensor parallel: gate/up
+    column-split, down row-split (reduce=False leaves its partial sum to the caller, as MoE does)."""
 
-    def __init__(self, dim: int, inter_dim: int):
+    def __init__(self, dim: int, inter_dim: int, parallel: Parallel | None = None, reduce: bool = True):
         super().__init__()
-        self.gate_proj = Linear(dim, inter_dim)
-        self.up_proj = Linear(dim, inter_dim)
-        self.down_proj = Linear(inter_dim, dim)
+        self.gate_proj = Linear(dim, inter_dim, parallel, "column")
+        self.up_proj = Linear(dim, inter_dim, parallel, "column")
+        self.down_proj = Linear(inter_dim, dim, parallel, "row", reduce=reduce)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -247,10 +294,15 @@ class Experts(nn.Module):
     bf16: gate_up_weight [E, 2I, D] (rows :I are gate_proj, I: are up_proj), down_weight [E, D, I].
     INT4 (after make_int4): gate_up_packed [E, 2I, D/8] + gate_up_scale [E, 2I, D/G],
     down_packed [E, D, I/8] + down_scale [E, D, I/G], each expert in the checkpoint's own layout.
+    Expert parallel: this rank stacks only experts [first_expert, first_expert + n_experts).
     """
 
-    def __init__(self, n_experts: int, dim: int, inter_dim: int):
+    def __init__(self, n_experts: int, dim: int, inter_dim: int, parallel: Parallel | None = None):
         super().__init__()
+        self.parallel, self.first_expert = parallel, 0
+        if parallel is not None:
+            held = parallel.part(n_experts, "n_routed_experts")
+            self.first_expert, n_experts = held.start, held.stop - held.start
         self.n_experts, self.dim, self.inter_dim = n_experts, dim, inter_dim
         self.gate_up_weight = _weight(n_experts, 2 * inter_dim, dim)
         self.down_weight = _weight(n_experts, dim, inter_dim)
@@ -268,6 +320,9 @@ class Experts(nn.Module):
         self.int4 = True
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        if self.parallel is not None:   # global -> local expert ids; -1 (skipped) for other ranks' experts
+            ids = ids - self.first_expert
+            ids = ids.masked_fill((ids < 0) | (ids >= self.n_experts), -1)
         if self.int4:
             return ops.moe_int4(x, self.gate_up_packed, self.gate_up_scale, self.down_packed, self.down_scale,
                                 weights, ids)
@@ -275,30 +330,34 @@ class Experts(nn.Module):
 
 
 class MoE(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, parallel: Parallel | None = None):
         super().__init__()
         c = config
-        self.gate = Gate(c)
-        self.experts = Experts(c.n_routed_experts, c.hidden_size, c.moe_intermediate_size)
-        self.shared_experts = (MLP(c.hidden_size, c.moe_intermediate_size * c.n_shared_experts)
+        self.parallel = parallel
+        self.gate = Gate(c)   # replicated: every rank routes every token
+        self.experts = Experts(c.n_routed_experts, c.hidden_size, c.moe_intermediate_size, parallel)
+        self.shared_experts = (MLP(c.hidden_size, c.moe_intermediate_size * c.n_shared_experts, parallel, reduce=False)
                                if c.n_shared_experts else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.view(-1, x.shape[-1])                                   # [B*S, D]
         weights, ids = self.gate(flat)
         y = self.experts(flat, weights, ids).view_as(x)
-        return y if self.shared_experts is None else y + self.shared_experts(x)
+        y = y if self.shared_experts is None else y + self.shared_experts(x)
+        # Parallel: this rank's experts plus its slice of the shared expert, one all-reduce for both.
+        return y if self.parallel is None else self.parallel.all_reduce(y)
 
 
 # ------------------------------------------------------------------------------------------ model
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int):
+    def __init__(self, config: ModelConfig, layer: int, parallel: Parallel | None = None):
         super().__init__()
         self.layer = layer
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = MLA(config)
+        self.self_attn = MLA(config, parallel)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MoE(config) if config.is_moe_layer(layer) else MLP(config.hidden_size, config.intermediate_size)
+        self.mlp = (MoE(config, parallel) if config.is_moe_layer(layer)
+                    else MLP(config.hidden_size, config.intermediate_size, parallel))
 
     def forward(self, x, cos, sin, positions, cache, batch, absorb):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache, batch, self.layer, absorb)
@@ -309,18 +368,21 @@ class Transformer(nn.Module):
     """The causal LM: `model.embed_tokens`, `model.layers`, `model.norm`, `lm_head`, as in the checkpoint.
 
     Built as bf16 everywhere; `apply_quantization_layout` then turns the Linear modules that the
-    checkpoint's quantization_config covers into INT4 ones.
+    checkpoint's quantization_config covers into INT4 ones. With `parallel` (world_size > 1), one
+    rank's shard of the model: see distributed.py.
     """
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, parallel: Parallel | None = None):
         super().__init__()
         self.config = config
+        self.parallel = parallel = parallel if parallel is not None and parallel.world_size > 1 else None
         self.model = nn.ModuleDict(dict(
-            embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
-            layers=nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers)),
+            embed_tokens=Embedding(config.vocab_size, config.hidden_size, parallel),
+            layers=nn.ModuleList(Block(config, i, parallel) for i in range(config.num_hidden_layers)),
             norm=RMSNorm(config.hidden_size, config.rms_norm_eps),
         ))
-        self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size)
+        self.lm_head = (None if config.tie_word_embeddings
+                        else Linear(config.hidden_size, config.vocab_size, parallel, "column"))
         self.apply_quantization_layout()
         self.reset_rope()
 
@@ -330,10 +392,13 @@ class Transformer(nn.Module):
             return
         for name, module in self.named_modules():
             if isinstance(module, Linear) and quant.is_quantized(name):
-                module.make_int4(quant.group_size)
+                try:
+                    module.make_int4(quant.group_size)
+                except ValueError as e:
+                    raise ValueError(f"{name}: {e}") from None
             elif isinstance(module, Experts):
-                flags = {quant.is_quantized(f"{name}.{e}.{p}_proj")
-                         for e in range(module.n_experts) for p in ("gate", "up", "down")}
+                experts = range(module.first_expert, module.first_expert + module.n_experts)
+                flags = {quant.is_quantized(f"{name}.{e}.{p}_proj") for e in experts for p in ("gate", "up", "down")}
                 if len(flags) > 1:
                     raise ValueError(f"quantization_config quantizes only some of {name}.*: mixed experts are not supported")
                 if flags.pop():
@@ -365,6 +430,6 @@ class Transformer(nn.Module):
         for block in self.model.layers:
             h = block(h, cos, sin, positions, cache, batch, absorb)
         h = self.model.norm(h[:, -1:] if last_only else h)
-        if self.lm_head is None:
-            return F.linear(h, self.model.embed_tokens.weight)
-        return self.lm_head(h)
+        logits = F.linear(h, self.model.embed_tokens.weight) if self.lm_head is None else self.lm_head(h)
+        # Vocabulary-parallel: each rank has the logits of its block of the vocabulary.
+        return logits if self.parallel is None else self.parallel.all_gather(logits)

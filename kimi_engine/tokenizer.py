@@ -46,6 +46,13 @@ KIMI_PATTERN = "|".join([
 # added_tokens_decoder leaves unnamed are called <|reserved_token_{id}|>.
 NUM_RESERVED_SPECIAL_TOKENS = 256
 
+# Kimi K2 Thinking's named special tokens by offset from the base vocabulary (163584 + offset there).
+KIMI_SPECIAL_TOKENS = {0: "[BOS]", 1: "[EOS]", 2: "<|im_end|>", 3: "<|im_user|>", 4: "<|im_assistant|>",
+                       6: "<|start_header_id|>", 7: "<|end_header_id|>", 9: "[EOT]", 10: "<|im_system|>",
+                       11: "<|tool_calls_section_begin|>", 12: "<|tool_calls_section_end|>",
+                       13: "<|tool_call_begin|>", 14: "<|tool_call_argument_begin|>", 15: "<|tool_call_end|>",
+                       17: "<|im_middle|>", 22: "<think>", 23: "</think>", 254: "[UNK]", 255: "[PAD]"}
+
 
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte -> printable character table, the alphabet `tokenizers`' ByteLevel works in."""
@@ -309,6 +316,41 @@ class IncrementalDecoder:
 
     def flush(self) -> str:
         return self._utf8.decode(b"", final=True)
+
+
+def write_kimi_tokenizer(directory: str | Path, tokens: list[bytes], special_tokens: dict[int, str] | None = None,
+                         *, bos_token: str = "[BOS]", eos_token: str = "<|im_end|>", chat_template: str | None = None,
+                         model_max_length: int = 262144) -> Path:
+    """Write a byte-level BPE vocabulary as Kimi's checkpoints hold it; returns the directory.
+
+    tokens: token bytes by rank (= id), all 256 single bytes among them. special_tokens: offset from
+    the base vocabulary -> string (default KIMI_SPECIAL_TOKENS); the rest of the reserved block stays
+    unnamed. Writes tiktoken.model ("base64(bytes) rank" lines), tokenizer_config.json
+    (added_tokens_decoder, bos/eos, and pad/unk when [PAD]/[UNK] are among the specials) and, when
+    given, chat_template.jinja.
+    """
+    directory = Path(directory)
+    specials = KIMI_SPECIAL_TOKENS if special_tokens is None else special_tokens
+    names = set(specials.values())
+    for name, token in (("bos_token", bos_token), ("eos_token", eos_token)):
+        if token not in names:
+            raise ValueError(f"{name} {token!r} is not among the special tokens")
+    directory.mkdir(parents=True, exist_ok=True)
+    lines = [f"{base64.b64encode(t).decode()} {rank}" for rank, t in enumerate(tokens)]
+    (directory / VOCAB_FILE).write_text("\n".join(lines) + "\n")
+    n = len(tokens)
+    config = {
+        "added_tokens_decoder": {str(n + k): {"content": s, "lstrip": False, "normalized": False, "rstrip": False,
+                                              "single_word": False, "special": True}
+                                 for k, s in sorted(specials.items())},
+        "bos_token": bos_token, "eos_token": eos_token,
+        **({"pad_token": "[PAD]"} if "[PAD]" in names else {}), **({"unk_token": "[UNK]"} if "[UNK]" in names else {}),
+        "tokenizer_class": "TikTokenTokenizer", "model_max_length": model_max_length,
+    }
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    if chat_template is not None:
+        (directory / TEMPLATE_FILE).write_text(chat_template, encoding="utf-8")
+    return directory
 
 
 def load_tokenizer(directory: str | Path) -> Tokenizer | None:

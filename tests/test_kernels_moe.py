@@ -80,6 +80,27 @@ def test_moe_align_blocks(block_m):
     assert not set(block_expert.tolist()) & {5, 6, 7}
 
 
+@pytest.mark.parametrize("T,top_k", [(1, 8), (33, 3)])
+def test_fused_moe_expert_parallel_skips_minus_one(T, top_k):
+    """Expert parallel: each half of the experts, given local ids with -1 for the other half's,
+    yields a partial sum; the two partials add up to all experts' result (decode and block paths)."""
+    E, D, I = 16, 64, 32
+    experts = make_experts(E, D, I)
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(2))
+    weights, ids = make_routing(T, top_k, E)
+    parts = []
+    for e0 in (0, E // 2):
+        local = ids - e0
+        local = local.masked_fill((local < 0) | (local >= E // 2), -1)
+        half = [t[e0:e0 + E // 2] for t in experts]
+        out = fused_moe(x, *half, weights, local)
+        torch.testing.assert_close(out, fused_moe_ref(x, *half, weights, local), rtol=1e-5, atol=1e-5)
+        parts.append(out)
+    torch.testing.assert_close(parts[0] + parts[1], fused_moe_ref(x, *experts, weights, ids), rtol=1e-5, atol=1e-5)
+    _, block_expert = moe_align(ids.masked_fill(ids >= E // 2, -1), E // 2, 4)
+    assert block_expert.max() < E // 2
+
+
 def test_fused_moe_rejects_bad_inputs():
     experts = make_experts(4, 64, 32)
     weights, ids = make_routing(2, 2, 4)

@@ -8,8 +8,6 @@ base vocabulary, the rest of the 256 reserved ids unnamed).
 
 from __future__ import annotations
 
-import base64
-import json
 from pathlib import Path
 
 import pytest
@@ -79,21 +77,11 @@ def train_bytes_vocab(vocab_size: int = 2048, shakespeare_chars: int = 300_000) 
 
 
 def write_kimi_dir(directory: Path, tokens: list[bytes], chat_template: str | None = None) -> Path:
-    """Write tiktoken.model + tokenizer_config.json (+ chat_template.jinja) as Kimi's checkpoints have them."""
-    directory.mkdir(parents=True, exist_ok=True)
-    lines = [f"{base64.b64encode(t).decode()} {rank}" for rank, t in enumerate(tokens)]
-    (directory / "tiktoken.model").write_text("\n".join(lines) + "\n")
-    n = len(tokens)
-    config = {
-        "added_tokens_decoder": {str(n + k): {"content": s, "lstrip": False, "normalized": False, "rstrip": False,
-                                              "single_word": False, "special": True} for k, s in KIMI_SPECIALS.items()},
-        "bos_token": "[BOS]", "eos_token": "<|im_end|>", "pad_token": "[PAD]", "unk_token": "[UNK]",
-        "tokenizer_class": "TikTokenTokenizer", "model_max_length": 262144,
-    }
-    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-    if chat_template is not None:
-        (directory / "chat_template.jinja").write_text(chat_template)
-    return directory
+    """Write tiktoken.model + tokenizer_config.json (+ chat_template.jinja) as Kimi's checkpoints have them,
+    through the library's writer, with this file's copy of Kimi's special tokens."""
+    from kimi_engine.tokenizer import write_kimi_tokenizer
+
+    return write_kimi_tokenizer(directory, tokens, KIMI_SPECIALS, chat_template=chat_template)
 
 
 def reference_special_tokens(num_base: int) -> dict[str, int]:
