@@ -255,14 +255,16 @@ def _check(q_latent, q_rope, kv_cache, block_table, seq_lens, kv_scale) -> None:
         raise ValueError(f"at most 65535 query rows per call (the grid's third axis), got Q={Q}")
 
 
-def mla_decode(q_latent, q_rope, kv_cache, block_table, seq_lens, softmax_scale, kv_scale=None, num_splits=None):
+def mla_decode(q_latent, q_rope, kv_cache, block_table, seq_lens, softmax_scale, kv_scale=None, num_splits=None,
+               max_seq_len=None):
     """Paged MLA attention, as mla_decode_ref -> [Q, H, C] in q_latent's dtype.
 
     q_latent [Q, H, C], q_rope [Q, H, R] (same float dtype); kv_cache [num_blocks, block_size, C + R]
     (bf16/fp16/fp32, or float8_e4m3fn with kv_scale float32 [num_blocks, block_size, 2]); block_table
     int32 [Q, max_blocks]; seq_lens int32 [Q], each >= 1. Scores, softmax and the output sums are
     float32; tl.dot takes q's dtype (the cache is converted to it on load). With num_splits=None the
-    split count is derived from seq_lens.max(), one host sync: pass num_splits to avoid it (CUDA graphs).
+    split count is derived from max_seq_len, a host-side bound on seq_lens (a fixed one under CUDA
+    graphs), or without it from seq_lens.max(), one host sync that also range-checks seq_lens.
     """
     _check(q_latent, q_rope, kv_cache, block_table, seq_lens, kv_scale)
     Q, H, C = q_latent.shape
@@ -272,6 +274,8 @@ def mla_decode(q_latent, q_rope, kv_cache, block_table, seq_lens, softmax_scale,
         return out
     interpreted = is_interpreted(mla_decode_kernel)
     block_h, block_n, num_warps, num_stages = pick_config(H, interpreted)
+    if num_splits is None and max_seq_len is not None:
+        num_splits = choose_num_splits(max_seq_len, Q, triton.cdiv(H, block_h), q_latent.device)
     if num_splits is None:
         lo, hi = (int(v) for v in torch.aminmax(seq_lens))
         if lo < 1 or hi > block_table.shape[1] * kv_cache.shape[1]:

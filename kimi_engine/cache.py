@@ -35,12 +35,15 @@ class CacheBatch:
     positions [B, S] long: absolute positions of the new tokens; slots [B, S] long: flat slot
     (block * block_size + offset) each is written to; block_table [B, max_blocks] int32 and
     seq_lens [B] int32 (lengths including the new tokens), as the attention kernel reads them.
+    max_seq_len: a host-side bound on seq_lens, so the attention kernel can size its split-KV grid
+    without reading seq_lens back (a sync); `prepare` gives the longest, CUDA graphs a fixed bound.
     """
     seq_ids: list[int]
     positions: torch.Tensor
     slots: torch.Tensor
     block_table: torch.Tensor
     seq_lens: torch.Tensor
+    max_seq_len: int | None = None
 
 
 class LatentCache:
@@ -76,7 +79,7 @@ class LatentCache:
         return sum(t.numel() * t.element_size() for t in pools)
 
     def bytes_per_token(self) -> int:
-        per_layer = self.width * (1 if self.fp8 else torch.empty(0, dtype=self.dtype).element_size())
+        per_layer = self.width * (1 if self.fp8 else self.dtype.itemsize)
         return len(self.kv) * (per_layer + (8 if self.fp8 else 0))
 
     def add_sequence(self) -> int:
@@ -119,6 +122,25 @@ class LatentCache:
         self.refcount += [0] * (new - old)
         self.free_blocks += range(new - 1, old - 1, -1)  # pop() hands out the lowest first
 
+    def reserve(self, num_tokens: int) -> None:
+        """Grow the pools now so that `num_tokens` more tokens fit in free blocks without a reallocation
+        (a CUDA graph holds the pools' addresses; growing later forces a re-capture)."""
+        needed = -(-num_tokens // self.block_size) - len(self.free_blocks)
+        if needed > 0:
+            self._grow(needed)
+
+    def adopt(self, kv: list[torch.Tensor], kv_scale: list[torch.Tensor] | None = None) -> None:
+        """Take over the pools of a cache that is gone (same layers, block size and dtype): an empty cache
+        then reuses its memory, and CUDA graphs captured against those addresses stay valid."""
+        if self.num_blocks:
+            raise ValueError("adopt: this cache already has blocks")
+        if [t.shape[1:] for t in kv] != [t.shape[1:] for t in self.kv] or kv[0].dtype != self.kv[0].dtype \
+                or (kv_scale is None) != (self.kv_scale is None):
+            raise ValueError("adopt: the pools do not match this cache's layers, block size, width or dtype")
+        self.kv, self.kv_scale = kv, kv_scale
+        self.refcount = [0] * kv[0].shape[0]
+        self.free_blocks = list(range(kv[0].shape[0] - 1, -1, -1))
+
     def _take_block(self) -> int:
         if not self.free_blocks:
             self._grow(1)
@@ -141,10 +163,12 @@ class LatentCache:
             self._grow(needed - len(self.free_blocks))
         blocks += [self._take_block() for _ in range(needed)]
 
-    def prepare(self, seq_ids: list[int], num_new: int) -> CacheBatch:
+    def prepare(self, seq_ids: list[int], num_new: int, device: torch.device | str | None = None) -> CacheBatch:
         """Reserve room for `num_new` more tokens in each sequence and describe where they go.
 
         The sequences' lengths advance now; the forward pass that follows writes every layer.
+        The tensors are on `device` (default: the cache's; the CUDA-graph runner asks for "cpu"
+        and uploads them itself, once per step, into its static buffers).
         """
         if len(set(seq_ids)) != len(seq_ids):
             raise ValueError("a sequence appears twice in one batch")
@@ -158,8 +182,9 @@ class LatentCache:
             table[i, : len(self.blocks[seq])] = torch.tensor(self.blocks[seq], dtype=torch.int32)
             self.lengths[seq] += num_new
         slots = table.gather(1, positions // self.block_size).long() * self.block_size + positions % self.block_size
-        return CacheBatch(list(seq_ids), positions.to(self.device), slots.to(self.device),
-                          table.to(self.device), (starts + num_new).to(torch.int32).to(self.device))
+        device = self.device if device is None else device
+        return CacheBatch(list(seq_ids), positions.to(device), slots.to(device), table.to(device),
+                          (starts + num_new).to(torch.int32).to(device), int(starts.max()) + num_new)
 
     # ------------------------------------------------------------------------------ data
     def write(self, layer: int, batch: CacheBatch, latent: torch.Tensor, k_rope: torch.Tensor) -> None:

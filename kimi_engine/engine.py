@@ -13,6 +13,7 @@ from .cache import LatentCache
 from .chat import THINK_BEGIN, THINK_END, StreamParser, parse_assistant
 from .checkpoint import load_model
 from .config import ModelConfig
+from .cuda_graph import DecodeGraphs
 from .generation import Delta, Generation, LogitsProcessor, Request
 from .model import Transformer
 from .sampling import SamplingParams
@@ -40,15 +41,17 @@ class Engine:
 
     Attributes: config (ModelConfig), model (Transformer), tokenizer (None when the checkpoint
     directory has no tokenizer files), device, dtype, max_seq_len, max_batch_size, prefill_chunk
-    (prompts are prefilled this many tokens at a time, so no [S, S] scores are built for long ones).
+    (prompts are prefilled this many tokens at a time, so no [S, S] scores are built for long ones),
+    graphs (the DecodeGraphs that runs decode steps, or None: see cuda_graph.py).
     """
 
     def __init__(self, model: Transformer, config: ModelConfig, tokenizer=None, *, max_seq_len: int,
-                 max_batch_size: int, prefill_chunk: int = 2048, kv_fp8: bool = False):
+                 max_batch_size: int, prefill_chunk: int = 2048, kv_fp8: bool = False, cuda_graphs: bool = False):
         self.model, self.config, self.tokenizer = model, config, tokenizer
         self.max_seq_len, self.max_batch_size = max_seq_len, max_batch_size
         self.prefill_chunk, self.kv_fp8 = prefill_chunk, kv_fp8
         self.stats = EngineStats()
+        self.graphs = DecodeGraphs(self) if cuda_graphs else None
 
     @property
     def device(self) -> torch.device:
@@ -90,9 +93,12 @@ class Engine:
 
     @torch.inference_mode()
     def decode_step(self, cache: LatentCache, seq_ids: list[int], tokens) -> torch.Tensor:
-        """One new token for each sequence (any lengths) -> next-token logits [len(seq_ids), vocab] float32."""
+        """One new token for each sequence (any lengths) -> next-token logits [len(seq_ids), vocab] float32.
+        With graphs (load(cuda_graphs=True)) the step replays a captured CUDA graph."""
+        self.stats.decode_tokens += len(seq_ids)
+        if self.graphs is not None:
+            return self.graphs.decode(cache, seq_ids, tokens)
         tokens = torch.as_tensor(tokens, dtype=torch.long, device=self.device).view(-1, 1)
-        self.stats.decode_tokens += tokens.numel()
         return self.model(tokens, cache.prepare(seq_ids, 1), cache)[:, -1].float()
 
     def logits(self, token_ids) -> torch.Tensor:
@@ -128,9 +134,11 @@ class Engine:
         stop = [stop] if isinstance(stop, str) else list(stop or [])
         if any(not isinstance(s, str) or not s for s in stop):
             raise ValueError(f"stop={stop!r}: stop strings must be non-empty strings")
+        cache = self.new_cache() if self.graphs is None else self.graphs.generation_cache(
+            [len(r.prompt_ids) for r in requests], n, max_new_tokens)   # reserved: no re-capture mid-run
         run = Generation(self, requests, params, n=n, max_new_tokens=max_new_tokens, seed=seed, stop=stop,
                          stop_token_ids=self.stop_ids(stop_token_ids), logits_processors=logits_processors,
-                         cache=self.new_cache())
+                         cache=cache)
         if stream:
             return self._stream(run)
         with torch.inference_mode():
@@ -214,7 +222,7 @@ class Engine:
 
 def load(path: str | Path | None = None, device: torch.device | str | None = None, dtype: torch.dtype = torch.bfloat16,
          max_seq_len: int | None = None, max_batch_size: int = 8, progress: bool = True,
-         prefill_chunk: int = 2048, kv_fp8: bool = False, parallel=None) -> Engine:
+         prefill_chunk: int = 2048, kv_fp8: bool = False, parallel=None, cuda_graphs: bool = False) -> Engine:
     """Load a checkpoint directory (see checkpoint.py) into an Engine.
 
     device: default CUDA when available, else CPU. max_seq_len: the longest sequence a cache holds
@@ -222,12 +230,14 @@ def load(path: str | Path | None = None, device: torch.device | str | None = Non
     prefill_chunk: tokens per prefill forward pass. kv_fp8: store the latent cache as fp8 (e4m3).
     parallel: a kimi_engine.distributed.Parallel to load this rank's shard of a tensor/expert-parallel
     model (every rank then runs the same calls on the same inputs); None: the whole model here.
+    cuda_graphs: decode steps replay CUDA graphs, captured once per batch-size bucket (cuda_graph.py);
+    needs the Triton kernels and INT4 experts. Off CUDA the same static-buffer step runs eagerly.
     """
     if prefill_chunk <= 0:
         raise ValueError(f"prefill_chunk={prefill_chunk} must be positive")
-    if path is None:
-        raise ValueError("load(path=None) needs the built-in demo model, which this build does not ship yet; "
-                         "pass a checkpoint directory")
+    if path is None:  # the built-in demo model, shipped as package data (kimi_engine/demo/)
+        from .demo import demo_path
+        path = demo_path()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tokenizer = load_tokenizer(path)  # first: a broken tokenizer file fails before any weights load
     model, config = load_model(path, device=device, dtype=dtype, progress=progress, parallel=parallel)
@@ -235,4 +245,4 @@ def load(path: str | Path | None = None, device: torch.device | str | None = Non
     if not 0 < max_seq_len <= config.max_position_embeddings:
         raise ValueError(f"max_seq_len={max_seq_len} must lie in [1, max_position_embeddings={config.max_position_embeddings}]")
     return Engine(model, config, tokenizer, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
-                  prefill_chunk=prefill_chunk, kv_fp8=kv_fp8)
+                  prefill_chunk=prefill_chunk, kv_fp8=kv_fp8, cuda_graphs=cuda_graphs)

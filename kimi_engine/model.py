@@ -212,10 +212,11 @@ class MLA(nn.Module):
             w_uk, w_uv = self.kv_b_proj.dense_weight(x.dtype).view(H, N + V, C).split([N, V], dim=1)
             q_latent = torch.einsum("bshn,hnc->bshc", q_nope, w_uk)
             # One row per query token, each with its own causal length, all reading its sequence's blocks.
+            # Decode skips repeat_interleave, whose CUDA path may read back to the host (CUDA graphs forbid it).
+            table = batch.block_table if S == 1 else batch.block_table.repeat_interleave(S, dim=0)
             o_latent = ops.mla_attention(
-                q_latent.flatten(0, 1), q_rope.flatten(0, 1), cache.kv[layer],
-                batch.block_table.repeat_interleave(S, dim=0), (positions + 1).flatten().int(),
-                self.softmax_scale, None if cache.kv_scale is None else cache.kv_scale[layer])
+                q_latent.flatten(0, 1), q_rope.flatten(0, 1), cache.kv[layer], table, (positions + 1).flatten().int(),
+                self.softmax_scale, None if cache.kv_scale is None else cache.kv_scale[layer], batch.max_seq_len)
             o = torch.einsum("bshc,hvc->bshv", o_latent.view(B, S, H, C), w_uv)  # [B, S, H, V]
         else:
             o = self.attend_naive(q_nope, q_rope, *cache.gather(layer, batch), positions)

@@ -78,7 +78,10 @@ def moe_dense(x, gate_up_weight, down_weight, topk_weights, topk_ids):
     return moe_loop_ref(x, lambda e: (gate_up_weight[e], down_weight[e]), topk_weights, topk_ids)
 
 
-def mla_attention(q_latent, q_rope, kv_cache, block_table, seq_lens, softmax_scale, kv_scale=None):
-    """Absorbed MLA attention of Q query rows over a paged latent cache -> [Q, H, C]; see mla_decode_ref."""
-    fn = mla_decode if use_triton(q_latent) else mla_decode_ref
-    return fn(q_latent, q_rope, kv_cache, block_table, seq_lens, softmax_scale, kv_scale)
+def mla_attention(q_latent, q_rope, kv_cache, block_table, seq_lens, softmax_scale, kv_scale=None, max_seq_len=None):
+    """Absorbed MLA attention of Q query rows over a paged latent cache -> [Q, H, C]; see mla_decode_ref.
+    max_seq_len: a host-side bound on seq_lens; the kernel then sizes its grid without a host sync."""
+    if use_triton(q_latent):
+        return mla_decode(q_latent, q_rope, kv_cache, block_table, seq_lens, softmax_scale, kv_scale,
+                          max_seq_len=max_seq_len)
+    return mla_decode_ref(q_latent, q_rope, kv_cache, block_table, seq_lens, softmax_scale, kv_scale)

@@ -1,0 +1,212 @@
+"""CUDA-graph decode: the decode step captured once per batch-size bucket, then replayed.
+
+A decode step launches on the order of a hundred kernels per layer (an op trace of the tiny model:
+norms, rope, casts, projections, the Triton kernels), thousands for 61 layers; launched one by one
+from Python at batch 1, the CPU rather than HBM can set the pace. A CUDA graph records the launches
+once and replays them with one call. What that asks of the step:
+- Static inputs: a graph reads fixed addresses, so each step copies its batch (tokens, positions,
+  slots, block table, lengths) into buffers allocated once, uploaded from pinned memory. A
+  batch of B runs in the smallest bucket >= B (1, 2, 4, ..., max_batch_size); the spare rows are a
+  harmless dummy: token 0 at position 0, written to and attending to a scratch block of the cache
+  that no sequence uses (the runner holds one scratch sequence in each cache it decodes).
+- No host syncs, a fixed grid: the Triton kernels are sync-free, and mla_decode sizes its split-KV
+  grid from the engine's max_seq_len, fixed, rather than from this step's lengths.
+- Fixed cache pools: a graph holds each layer's pool address. When they change (the cache grew, or
+  another cache came in) every graph is captured again. `generation_cache` gives generate() a cache
+  reserved up front, built on the previous generation's pools when that cache is gone, so repeated
+  generate() calls reuse the graphs instead of re-capturing them.
+Off CUDA the same static-buffer step runs eagerly, so CPU tests check the buffers, the padding and
+the buckets against Engine.decode_step.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+
+import torch
+
+from . import ops
+from .cache import CacheBatch, LatentCache
+from .model import Experts
+
+WARMUP_STEPS = 2   # eager runs before a capture: Triton compiles, cuBLAS picks kernels and workspaces
+
+
+def bucket_sizes(max_batch_size: int) -> tuple[int, ...]:
+    """The batch sizes that get a graph: the powers of two below max_batch_size, then max_batch_size."""
+    sizes, b = [], 1
+    while b < max_batch_size:
+        sizes.append(b)
+        b *= 2
+    return tuple(sizes) + (max_batch_size,)
+
+
+def pool_addresses(cache: LatentCache) -> tuple[int, ...]:
+    return tuple(t.data_ptr() for t in cache.kv + (cache.kv_scale or []))
+
+
+def check_capturable(model) -> None:
+    """ValueError for models whose decode step cannot be captured: their ops read back to the host."""
+    if model.parallel is not None:
+        raise ValueError("cuda_graphs: tensor/expert-parallel models are not supported (all-reduces are not captured)")
+    if any(isinstance(m, Experts) and not m.int4 for m in model.modules()):
+        raise ValueError("cuda_graphs needs INT4 routed experts: bf16 experts run a reference loop that reads "
+                         "the expert ids back to the host")
+
+
+class DecodeGraphs:
+    """Decode steps through static buffers, one CUDA graph per batch-size bucket (eager off CUDA).
+
+    decode(cache, seq_ids, tokens) is Engine.decode_step's contract. Attributes: buckets; graphs
+    (bucket -> (CUDAGraph, logits) on CUDA, None elsewhere); captures (how many so far, re-captures
+    included); capture_seconds (bucket -> seconds its last capture took, warm-up included).
+    """
+
+    def __init__(self, engine):
+        self.engine, self.device = engine, engine.device
+        self.use_graphs = self.device.type == "cuda"
+        if self.use_graphs:
+            check_capturable(engine.model)
+        self.buckets = bucket_sizes(engine.max_batch_size)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor] | None] = {}
+        self.captures, self.capture_seconds = 0, {}
+        self._cache = lambda: None           # weakref to the bound cache
+        self._scratch = weakref.WeakKeyDictionary()   # cache -> (block, slot) of its scratch sequence
+        self._pools = None                   # pool addresses the graphs were captured against
+        self._block_size = None
+        self._spare = None                   # (weakref to the last generation cache, its kv, its kv_scale)
+        self._mempool = None
+
+    # ------------------------------------------------------------------------------ caches
+    def generation_cache(self, prompt_lens: list[int], n: int, max_new_tokens: int) -> LatentCache:
+        """A cache for one generate() call, grown up front to what it can need (so it never reallocates
+        mid-run) and built on the previous generation's pools when they are free and big enough."""
+        e = self.engine
+        n = n if isinstance(n, int) and n >= 1 else 1                 # bad values: Generation raises
+        new = max_new_tokens if isinstance(max_new_tokens, int) and max_new_tokens >= 1 else 1
+        cache = e.new_cache()
+        bs = cache.block_size
+        at_once = min(len(prompt_lens), max(1, e.max_batch_size // n))  # requests decoding together
+        prompt = min(max(prompt_lens, default=0), e.max_seq_len)
+        # Each request: its prompt's blocks once (forks share them), and per path its new tokens plus
+        # one block for the copy-on-write of the shared last block; one more block for the scratch row.
+        blocks = at_once * (-(-prompt // bs) + n * (-(-new // bs) + 1)) + 1
+        spare = self._spare
+        if spare is not None and spare[0]() is None and spare[1][0].shape[0] >= blocks and spare[1][0].shape[1] == bs:
+            cache.adopt(spare[1], spare[2])
+        else:
+            self._spare = None                # let the old pools go before allocating new ones
+            cache.reserve(blocks * bs)
+        self._spare = (weakref.ref(cache), cache.kv, cache.kv_scale)   # the lists _grow updates in place
+        self.bind(cache)
+        return cache
+
+    def bind(self, cache: LatentCache) -> None:
+        """Decode on `cache` from now on: take a scratch block in it for the padding rows."""
+        if self._cache() is cache:
+            return
+        if cache.block_size != self._block_size:
+            self._allocate(cache.block_size)
+        if cache not in self._scratch:
+            b = cache.prepare([cache.add_sequence()], 1, device="cpu")
+            self._scratch[cache] = int(b.block_table[0, 0]), int(b.slots[0, 0])
+        self._scratch_block, self._scratch_slot = self._scratch[cache]
+        self._cache = weakref.ref(cache)
+
+    def _allocate(self, block_size: int) -> None:
+        """Static buffers for the largest bucket; each bucket reads a prefix of them."""
+        B = self.buckets[-1]
+        self._block_size, self._max_blocks = block_size, -(-self.engine.max_seq_len // block_size)
+        pin = self.use_graphs   # pinned host memory: the upload is asynchronous
+        # int64 rows: tokens, positions, slots; int32: seq_lens [B], then the block table [B, max_blocks].
+        self._host_long = torch.zeros(3, B, dtype=torch.long, pin_memory=pin)
+        self._host_int = torch.zeros(B + B * self._max_blocks, dtype=torch.int32, pin_memory=pin)
+        if self.device.type == "cpu":
+            self._dev_long, self._dev_int = self._host_long, self._host_int
+        else:
+            self._dev_long = torch.zeros_like(self._host_long, device=self.device)
+            self._dev_int = torch.zeros_like(self._host_int, device=self.device)
+        self._uploaded = torch.cuda.Event() if self.use_graphs else None
+        self.graphs.clear()
+
+    # ------------------------------------------------------------------------------ the step
+    @torch.inference_mode()
+    def decode(self, cache: LatentCache, seq_ids: list[int], tokens) -> torch.Tensor:
+        """One new token for each sequence -> next-token logits [len(seq_ids), vocab] float32."""
+        B = len(seq_ids)
+        if not 1 <= B <= self.buckets[-1]:
+            raise ValueError(f"decode: {B} sequences; the CUDA-graph buckets hold 1 to {self.buckets[-1]} "
+                             "(max_batch_size)")
+        tokens = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
+        if tokens.numel() != B:
+            raise ValueError(f"decode: {tokens.numel()} tokens for {B} sequences")
+        self.bind(cache)
+        batch = cache.prepare(seq_ids, 1, device="cpu")      # may grow the pools: checked below
+        if batch.block_table.shape[1] > self._max_blocks:
+            raise ValueError(f"decode: a sequence is longer than max_seq_len={self.engine.max_seq_len}")
+        bucket = next(b for b in self.buckets if b >= B)
+        self._upload(batch, tokens, B, bucket)
+        pools = pool_addresses(cache)
+        if pools != self._pools:
+            self.graphs.clear()
+            self._pools, self._mempool = pools, None
+        if bucket not in self.graphs:
+            self.graphs[bucket] = self._capture(bucket) if self.use_graphs else None
+        if self.graphs[bucket] is None:
+            return self._step(bucket)[:B]
+        graph, logits = self.graphs[bucket]
+        graph.replay()
+        # The graphs share one memory pool, so the next replay may reuse this output's memory.
+        return logits[:B].clone()
+
+    def _upload(self, batch: CacheBatch, tokens: torch.Tensor, B: int, bucket: int) -> None:
+        hl, hi, Bmax = self._host_long, self._host_int, self.buckets[-1]
+        if self._uploaded is not None:
+            self._uploaded.synchronize()     # the last upload has left the pinned buffers
+        device_tokens = tokens.device != hl.device
+        if not device_tokens:
+            hl[0, :B] = tokens
+        hl[1, :B], hl[2, :B] = batch.positions[:, 0], batch.slots[:, 0]
+        hl[:2, B:bucket], hl[2, B:bucket] = 0, self._scratch_slot          # padding: token 0 at position 0
+        hi[:B], hi[B:bucket] = batch.seq_lens, 1
+        table = hi[Bmax:].view(Bmax, self._max_blocks)
+        table[:B, :batch.block_table.shape[1]] = batch.block_table       # entries past a length are never read
+        table[B:bucket, 0] = self._scratch_block
+        if self._dev_long is not hl:
+            self._dev_long.copy_(hl, non_blocking=True)
+            end = Bmax + bucket * self._max_blocks                          # lengths + this bucket's rows
+            self._dev_int[:end].copy_(hi[:end], non_blocking=True)
+            if self._uploaded is not None:
+                self._uploaded.record()
+        if device_tokens:
+            self._dev_long[0, :B].copy_(tokens)
+
+    def _step(self, bucket: int) -> torch.Tensor:
+        """The decode forward pass on the static buffers' first `bucket` rows -> logits [bucket, V] float32."""
+        Bmax = self.buckets[-1]
+        tokens, positions, slots = (self._dev_long[i, :bucket].view(bucket, 1) for i in range(3))
+        table = self._dev_int[Bmax:Bmax + bucket * self._max_blocks].view(bucket, self._max_blocks)
+        batch = CacheBatch([-1] * bucket, positions, slots, table, self._dev_int[:bucket], self.engine.max_seq_len)
+        return self.engine.model(tokens, batch, self._cache())[:, -1].float()
+
+    def _capture(self, bucket: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        if not ops.use_triton(self._dev_long):
+            raise RuntimeError(f"CUDA graphs need the Triton kernels, but {ops.KERNELS_ENV}={ops.kernel_mode()} "
+                               "runs the torch references, which read back to the host")
+        start = time.perf_counter()
+        # Warm-up on a side stream, as torch.cuda.graph requires; it writes the same latents the replay will.
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(WARMUP_STEPS):
+                self._step(bucket)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        if self._mempool is None:
+            self._mempool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._mempool):
+            logits = self._step(bucket)
+        self.captures += 1
+        self.capture_seconds[bucket] = time.perf_counter() - start
+        return graph, logits
