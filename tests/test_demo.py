@@ -32,14 +32,19 @@ def engine32():
     return kimi_engine.load(demo_path(), device="cpu", dtype=torch.float32, progress=False)
 
 
+@pytest.fixture(scope="module")
+def engine_default():
+    return kimi_engine.load(progress=False)   # no path, the defaults (bf16)
+
+
 def scoring_windows(ids: list[int], length: int) -> torch.Tensor:
     """Non-overlapping windows [N, length + 1], as scripts/train_demo.py scores held-out text."""
     ids = torch.tensor(ids)
     return torch.stack([ids[i * length: i * length + length + 1] for i in range((len(ids) - 1) // length)])
 
 
-def test_load_without_path_is_the_demo():
-    engine = kimi_engine.load(progress=False)
+def test_load_without_path_is_the_demo(engine_default):
+    engine = engine_default
     c = engine.config
     assert (c.first_k_dense_replace, c.n_routed_experts, c.num_experts_per_tok, c.n_shared_experts) == (1, 16, 2, 1)
     assert c.q_lora_rank and c.kv_lora_rank and c.rope_scaling["type"] == "yarn" and c.topk_method == "noaux_tc"
@@ -80,8 +85,8 @@ def test_cached_prefill_matches_the_scoring_path(engine32, metrics):
     torch.testing.assert_close(engine32.logits(ids), expected, atol=2e-4, rtol=1e-4)   # float32, other op order
 
 
-def test_greedy_writes_text():
-    engine = kimi_engine.load(progress=False)   # the defaults: bf16
+def test_greedy_writes_text(engine_default):
+    engine = engine_default
     tok = engine.tokenizer
     out = engine.greedy(tok.encode("ROMEO:"), 64)
     text = tok.decode(out)
