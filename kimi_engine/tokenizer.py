@@ -318,6 +318,23 @@ class IncrementalDecoder:
         return self._utf8.decode(b"", final=True)
 
 
+def train_bpe(texts, vocab_size: int) -> list[bytes]:
+    """Token bytes by rank (= id) of a byte-level BPE trained with `tokenizers` on `texts` (an iterable
+    of strings, no merge spans two of them), split as Kimi splits text: a vocabulary for write_kimi_tokenizer."""
+    from tokenizers import Regex, models, pre_tokenizers, trainers
+
+    bpe = tokenizers.Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(KIMI_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    bpe.train_from_iterator(texts, trainer)
+    to_byte = {c: b for b, c in bytes_to_unicode().items()}
+    by_id = sorted(bpe.get_vocab().items(), key=lambda kv: kv[1])
+    return [bytes(to_byte[c] for c in token) for token, _ in by_id]
+
+
 def write_kimi_tokenizer(directory: str | Path, tokens: list[bytes], special_tokens: dict[int, str] | None = None,
                          *, bos_token: str = "[BOS]", eos_token: str = "<|im_end|>", chat_template: str | None = None,
                          model_max_length: int = 262144) -> Path:

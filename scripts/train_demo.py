@@ -45,7 +45,7 @@ from kimi_engine.checkpoint import checkpoint_state_dict, save_checkpoint
 from kimi_engine.config import ModelConfig
 from kimi_engine.model import Gate, Transformer
 from kimi_engine.synthetic import KIMI_QUANT
-from kimi_engine.tokenizer import KIMI_PATTERN, Tokenizer, bytes_to_unicode, write_kimi_tokenizer
+from kimi_engine.tokenizer import Tokenizer, train_bpe, write_kimi_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -77,23 +77,6 @@ def split_text(text: str) -> tuple[str, str]:
     """(train, held out): the held-out part is the last 10%, starting at a line."""
     cut = text.rfind("\n", 0, int(0.9 * len(text))) + 1
     return text[:cut], text[cut:]
-
-
-def train_bpe(text: str, vocab_size: int) -> list[bytes]:
-    """Token bytes by rank of a byte-level BPE trained with `tokenizers`, splitting text as Kimi does."""
-    from tokenizers import Regex, models, pre_tokenizers, trainers
-    from tokenizers import Tokenizer as HFTokenizer
-
-    bpe = HFTokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(KIMI_PATTERN), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    bpe.train_from_iterator(text.split("\n\n"), trainer)   # paragraphs: no merge spans a blank line
-    to_byte = {c: b for b, c in bytes_to_unicode().items()}
-    by_id = sorted(bpe.get_vocab().items(), key=lambda kv: kv[1])
-    return [bytes(to_byte[c] for c in token) for token, _ in by_id]
 
 
 def dialogues(text: str, tokenizer: Tokenizer, rng: random.Random) -> list[tuple[str, str]]:
@@ -322,7 +305,7 @@ def main() -> None:
     text = args.data.read_text(encoding="utf-8")
     train_text, val_text = split_text(text)
     t = time.perf_counter()
-    tokens = train_bpe(train_text, BASE_VOCAB)
+    tokens = train_bpe(train_text.split("\n\n"), BASE_VOCAB)   # paragraphs: no merge spans a blank line
     args.out.mkdir(parents=True, exist_ok=True)
     write_kimi_tokenizer(args.out, tokens, chat_template=builtin_chat_template(),
                          model_max_length=4 * CONTEXT)

@@ -58,22 +58,10 @@ def shared_path(relative: str) -> Path:
 
 def train_bytes_vocab(vocab_size: int = 2048, shakespeare_chars: int = 300_000) -> list[bytes]:
     """Token bytes by rank of a byte-level BPE trained on tiny Shakespeare (a prefix) + EXTRA_TEXT."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
-
-    from kimi_engine.tokenizer import bytes_to_unicode
+    from kimi_engine.tokenizer import train_bpe
 
     text = shared_path("data/tinyshakespeare.txt").read_text(encoding="utf-8")[:shakespeare_chars]
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(KIMI_PATTERN_REFERENCE), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    bpe.train_from_iterator([*text.splitlines(keepends=True), *[EXTRA_TEXT] * 20], trainer)
-    to_byte = {c: b for b, c in bytes_to_unicode().items()}
-    by_id = sorted(bpe.get_vocab().items(), key=lambda kv: kv[1])
-    assert [i for _, i in by_id] == list(range(len(by_id)))
-    return [bytes(to_byte[c] for c in token) for token, _ in by_id]
+    return train_bpe([*text.splitlines(keepends=True), *[EXTRA_TEXT] * 20], vocab_size)
 
 
 def write_kimi_dir(directory: Path, tokens: list[bytes], chat_template: str | None = None) -> Path:
