@@ -19,8 +19,9 @@ Decode is a stream over the cache, so the target is to read each KV byte from HB
   BLOCK_H shrinks to the head count (>= 16 for tl.dot); H > 64 takes several head blocks, the fastest
   grid axis, so siblings reading the same tiles run together and the second read hits L2.
 - BLOCK_N = 32: a [32, 576] bf16 tile is 36 KB, so q plus two pipeline stages take 144 KB of shared
-  memory. Compiled ahead of time for sm_90a (ptxas, no GPU): 255 registers, no spills, wgmma, cp.async
-  pipelining; BLOCK_N = 64 (216 KB) and three stages both spill. One 8-warp CTA per SM.
+  memory. Compiled ahead of time for sm_90 (`python -m kimi_engine.kernels.aot`, no GPU): 255
+  registers, no spill inside the loop, wgmma, cp.async pipelining; BLOCK_N = 64 (216 KB) and three
+  stages both spill. One 8-warp CTA per SM. An fp8 cache takes 32-head blocks (see the config tables).
 - Splits: enough to fill the SMs (queries x head blocks x splits >= SM count), but no split shorter
   than MIN_SPLIT_TOKENS: each split writes a float32 [H, C] partial (128 KB at Kimi dims), which must
   stay small beside the KV it summarizes. A query's tokens are spread evenly over all splits (rounded
@@ -47,13 +48,20 @@ REF_TILE_TOKENS = 4096               # the reference attends this many tokens at
 KV_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn)
 Q_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
-# (max heads, BLOCK_H, BLOCK_N, num_warps, num_stages): the first row with max heads >= H.
-# Compiled for sm_90a with ptxas at C=512, R=64, bf16 (64 heads: fp8 too), none spills: 16 heads 182
-# regs / 56 KB smem (two CTAs per SM), 32 heads 174 regs / 113 KB, 64 heads 255 regs / 144 KB.
+# (max heads, BLOCK_H, BLOCK_N, num_warps, num_stages): the first row with max heads >= H. Checked with
+# `python -m kimi_engine.kernels.aot` (sm_90, C=512, R=64, bf16 q): no spill inside the loop, wgmma at 64
+# heads (255 regs; 32 B spilled in the prologue/epilogue only; 145 KB smem), mma.sync below.
 MLA_DECODE_CONFIGS = [
     (16, 16, 32, 4, 3),
     (32, 32, 64, 8, 3),
     (math.inf, 64, 32, 8, 2),
+]
+# An fp8 cache converts each tile in registers before the dot: at 64-head blocks that spills inside the
+# loop (86 spill loads/stores), so fp8 takes 32-head blocks with 8 warps (sibling head blocks are the
+# fastest grid axis: the second read of a KV tile comes from L2). None spills.
+MLA_DECODE_FP8_CONFIGS = [
+    (16, 16, 32, 8, 3),
+    (math.inf, 32, 32, 8, 3),
 ]
 # The interpreter runs on numpy: big tiles mean fewer interpreted steps.
 MLA_DECODE_INTERPRET_CONFIGS = [(math.inf, 16, 64, 1, 1)]
@@ -210,9 +218,10 @@ def mla_merge_kernel(
 
 
 # ------------------------------------------------------------------------------------------ wrapper
-def pick_config(H: int, interpreted: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_H, BLOCK_N, num_warps, num_stages) for H heads."""
-    table = MLA_DECODE_INTERPRET_CONFIGS if interpreted else MLA_DECODE_CONFIGS
+def pick_config(H: int, interpreted: bool, kv_fp8: bool = False) -> tuple[int, int, int, int]:
+    """(BLOCK_H, BLOCK_N, num_warps, num_stages) for H heads over a bf16/fp16/fp32 or an fp8 cache."""
+    table = (MLA_DECODE_INTERPRET_CONFIGS if interpreted else MLA_DECODE_FP8_CONFIGS if kv_fp8
+             else MLA_DECODE_CONFIGS)
     _, block_h, block_n, num_warps, num_stages = next(c for c in table if H <= c[0])
     return max(MIN_DOT, min(block_h, triton.next_power_of_2(H))), block_n, num_warps, num_stages
 
@@ -273,7 +282,7 @@ def mla_decode(q_latent, q_rope, kv_cache, block_table, seq_lens, softmax_scale,
     if Q == 0:
         return out
     interpreted = is_interpreted(mla_decode_kernel)
-    block_h, block_n, num_warps, num_stages = pick_config(H, interpreted)
+    block_h, block_n, num_warps, num_stages = pick_config(H, interpreted, kv_scale is not None)
     if num_splits is None and max_seq_len is not None:
         num_splits = choose_num_splits(max_seq_len, Q, triton.cdiv(H, block_h), q_latent.device)
     if num_splits is None:

@@ -284,7 +284,7 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, D] -> weights [T, K] float32, expert ids [T, K] int32."""
-        logits = F.linear(x.float(), self.weight.float())                # [T, E], float32 as HF does
+        logits = ops.router_logits(x, self.weight)                        # [T, E] float32
         return ops.route(logits, self.e_score_correction_bias, self.top_k, self.n_group, self.topk_group,
                          self.norm_topk_prob, self.routed_scaling_factor)
 

@@ -60,6 +60,22 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> t
     return y.view(*x.shape[:-1], packed.shape[0])
 
 
+# torch.mm(a, b, out_dtype) (CUDA, torch >= 2.8): a float32-output GEMM on bf16/fp16 operands.
+_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
+
+
+def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [T, D] @ weight [E, D].T in float32, as HF's router computes it (both operands cast to float32).
+
+    bf16/fp16 products are exact in float32, so on CUDA a float32-output GEMM on the stored operands
+    gives the same sums (up to their order) without materializing a float32 copy of the weight every
+    step: at Kimi's widths that copy is 11 MB written and read again per MoE layer per decode step.
+    """
+    if _MM_OUT_DTYPE and x.is_cuda and x.dtype == weight.dtype and x.dtype in (torch.bfloat16, torch.float16):
+        return torch.mm(x, weight.t(), out_dtype=torch.float32)
+    return F.linear(x.float(), weight.float())
+
+
 def route(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, n_group: int, topk_group: int,
           norm_topk_prob: bool, routed_scaling_factor: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Router logits [T, E] -> (weights [T, K] float32, expert ids [T, K] int32); see route_ref."""

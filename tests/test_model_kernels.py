@@ -80,3 +80,20 @@ def test_int4_linear_dispatch(monkeypatch):
     out = ops.int4_linear(x, packed, scale)
     assert out.shape == (2, 3, 24)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
+
+
+def test_router_logits_on_cpu_is_the_float32_matmul():
+    x, w = torch.randn(3, 64, dtype=torch.bfloat16), torch.randn(16, 64, dtype=torch.bfloat16)
+    logits = ops.router_logits(x, w)
+    assert logits.dtype == torch.float32
+    assert torch.equal(logits, torch.nn.functional.linear(x.float(), w.float()))
+
+
+@pytest.mark.cuda
+def test_router_logits_bf16_gemm_equals_float32_matmul():
+    # Kimi widths: the float32-output GEMM on bf16 operands sums the same exact products as HF's float32 linear
+    x = torch.randn(5, 7168, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(384, 7168, device="cuda", dtype=torch.bfloat16) / 7168 ** 0.5
+    logits = ops.router_logits(x, w)
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, torch.nn.functional.linear(x.float(), w.float()), rtol=1e-5, atol=1e-5)
