@@ -128,13 +128,16 @@ def save_plot(rows, path: str, title: str) -> bool:
     except ImportError:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for ctx in sorted({r["context"] for r in rows}):
+    for i, ctx in enumerate(sorted({r["context"] for r in rows})):
         sel = [r for r in rows if r["context"] == ctx]
-        x = [r["batch"] for r in sel]
-        ax.plot(x, [r["eager"] for r in sel], "o--", label=f"eager, context {ctx:,}")
-        ax.plot(x, [r["graphs"] for r in sel], "o-", label=f"CUDA graphs, context {ctx:,}")
-        ax.plot(x, [r["floor"] for r in sel], "k:", label=f"byte floor, context {ctx:,}")
+        x, color = [r["batch"] for r in sel], f"C{i}"
+        ax.plot(x, [r["eager"] for r in sel], "o--", color=color, alpha=0.6, label=f"eager, context {ctx:,}")
+        ax.plot(x, [r["graphs"] for r in sel], "o-", color=color, label=f"CUDA graphs, context {ctx:,}")
+        ax.plot(x, [r["floor"] for r in sel], ":", color=color, label=f"byte floor, context {ctx:,}")
+    batches = sorted({r["batch"] for r in rows})
     ax.set(xscale="log", yscale="log", xlabel="batch (sequences)", ylabel="ms per decode step", title=title)
+    ax.set_xticks(batches, [str(b) for b in batches])
+    ax.minorticks_off()
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=150)

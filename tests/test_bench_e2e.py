@@ -30,3 +30,5 @@ def test_bench_e2e_small_cpu(tmp_path, capsys):
     if importlib.util.find_spec("transformers"):
         assert peer is not None and peer[0] == 3 and "HF transformers DeepseekV3" in out
     assert list(tmp_path.glob("bench_e2e_*")) == []                  # the temporary checkpoint is gone
+    if importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "decode.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
