@@ -66,7 +66,8 @@ def run(args) -> list[list[object]]:
     dtype = getattr(torch, args.dtype)
     if args.config:
         block_h, block_n, warps, stages = (int(v) for v in args.config.split(","))
-        for table in (mla.MLA_DECODE_INTERPRET_CONFIGS, mla.MLA_DECODE_CONFIGS, mla.MLA_DECODE_FP8_CONFIGS):
+        for table in (mla.MLA_DECODE_INTERPRET_CONFIGS, mla.MLA_DECODE_CONFIGS, mla.MLA_DECODE_FP8_CONFIGS,
+                      mla.MLA_DECODE_PRE_HOPPER_CONFIGS):
             table[:] = [(math.inf, block_h, block_n, warps, stages)]
     copy_gbs = copy_bandwidth_gbs(device)
     print(f"device: {device_name(device)}; copy bandwidth {copy_gbs:,.0f} GB/s; H={H} C={C} R={R} "
@@ -79,7 +80,8 @@ def run(args) -> list[list[object]]:
             q_latent = torch.randn(batch, H, C, device=device, dtype=torch.bfloat16) / C ** 0.25
             q_rope = torch.randn(batch, H, R, device=device, dtype=torch.bfloat16) / R ** 0.25
             call_args = (q_latent, q_rope, kv, table, lens, 192 ** -0.5)
-            block_h = mla.pick_config(H, mla.is_interpreted(mla.mla_decode_kernel), kv_scale is not None)[0]
+            block_h = mla.pick_config(H, mla.is_interpreted(mla.mla_decode_kernel), kv_scale is not None,
+                                      hopper=mla.capability(device) >= (9, 0))[0]
             splits = args.splits or mla.choose_num_splits(context, batch, math.ceil(H / block_h), device)
             ms = time_ms(lambda: mla.mla_decode(*call_args, kv_scale=kv_scale, num_splits=splits), device)
             ref_ms = math.nan

@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .w4a16 import dot_dtype, is_interpreted, num_sms
+from .w4a16 import capability, dot_dtype, is_interpreted, num_sms
 
 LOG2E = 1.4426950408889634           # scores are scaled by log2(e) so the softmax uses exp2
 MIN_DOT = 16                         # tl.dot needs every dimension >= 16
@@ -56,6 +56,13 @@ MLA_DECODE_CONFIGS = [
     (32, 32, 64, 8, 3),
     (math.inf, 64, 32, 8, 2),
 ]
+# Before Hopper there is no wgmma to keep a 64-row head block worth its registers: 16-token tiles keep
+# the loop spill-free on sm_80 (aot --arch 80: 246 regs, 92 KB smem).
+MLA_DECODE_PRE_HOPPER_CONFIGS = [
+    (16, 16, 32, 4, 3),
+    (32, 32, 64, 8, 3),
+    (math.inf, 64, 16, 8, 2),
+]
 # An fp8 cache converts each tile in registers before the dot: at 64-head blocks that spills inside the
 # loop (86 spill loads/stores), so fp8 takes 32-head blocks with 8 warps (sibling head blocks are the
 # fastest grid axis: the second read of a KV tile comes from L2). None spills.
@@ -66,6 +73,20 @@ MLA_DECODE_FP8_CONFIGS = [
 # The interpreter runs on numpy: big tiles mean fewer interpreted steps.
 MLA_DECODE_INTERPRET_CONFIGS = [(math.inf, 16, 64, 1, 1)]
 MERGE_NUM_WARPS = 4
+
+
+FP8_KV_MIN_CAPABILITY = (8, 9)       # Triton converts e4m3 (fp8e4nv) on Ada, Hopper and newer only
+
+
+def check_fp8_kv_device(device: torch.device) -> None:
+    """ValueError unless the kernel can read an fp8 (e4m3) cache on `device` (any non-CUDA device can:
+    there the reference or the interpreter runs)."""
+    if device.type == "cuda":
+        capability = torch.cuda.get_device_capability(device)
+        if capability < FP8_KV_MIN_CAPABILITY:
+            raise ValueError(f"an fp8 (e4m3) KV cache needs compute capability >= 8.9 (Ada, Hopper); {device} is "
+                             f"{capability[0]}.{capability[1]}: use a bf16 cache (kv_fp8=False) or "
+                             "KIMI_ENGINE_KERNELS=torch")
 
 
 def dequantize_kv(kv: torch.Tensor, kv_scale: torch.Tensor | None, C: int) -> torch.Tensor:
@@ -218,10 +239,10 @@ def mla_merge_kernel(
 
 
 # ------------------------------------------------------------------------------------------ wrapper
-def pick_config(H: int, interpreted: bool, kv_fp8: bool = False) -> tuple[int, int, int, int]:
+def pick_config(H: int, interpreted: bool, kv_fp8: bool = False, hopper: bool = True) -> tuple[int, int, int, int]:
     """(BLOCK_H, BLOCK_N, num_warps, num_stages) for H heads over a bf16/fp16/fp32 or an fp8 cache."""
     table = (MLA_DECODE_INTERPRET_CONFIGS if interpreted else MLA_DECODE_FP8_CONFIGS if kv_fp8
-             else MLA_DECODE_CONFIGS)
+             else MLA_DECODE_CONFIGS if hopper else MLA_DECODE_PRE_HOPPER_CONFIGS)
     _, block_h, block_n, num_warps, num_stages = next(c for c in table if H <= c[0])
     return max(MIN_DOT, min(block_h, triton.next_power_of_2(H))), block_n, num_warps, num_stages
 
@@ -250,6 +271,8 @@ def _check(q_latent, q_rope, kv_cache, block_table, seq_lens, kv_scale) -> None:
     is_fp8 = kv_cache.dtype == torch.float8_e4m3fn
     if is_fp8 != (kv_scale is not None):
         raise ValueError(f"kv_scale must be given exactly when kv_cache is float8_e4m3fn (kv_cache is {kv_cache.dtype})")
+    if is_fp8:
+        check_fp8_kv_device(kv_cache.device)
     if is_fp8 and (kv_scale.shape != (*kv_cache.shape[:2], 2) or kv_scale.dtype != torch.float32):
         raise ValueError(f"kv_scale must be float32 [{kv_cache.shape[0]}, {block_size}, 2], "
                          f"got {kv_scale.dtype} {tuple(kv_scale.shape)}")
@@ -282,7 +305,8 @@ def mla_decode(q_latent, q_rope, kv_cache, block_table, seq_lens, softmax_scale,
     if Q == 0:
         return out
     interpreted = is_interpreted(mla_decode_kernel)
-    block_h, block_n, num_warps, num_stages = pick_config(H, interpreted, kv_scale is not None)
+    block_h, block_n, num_warps, num_stages = pick_config(H, interpreted, kv_scale is not None,
+                                                         hopper=capability(q_latent.device) >= (9, 0))
     if num_splits is None and max_seq_len is not None:
         num_splits = choose_num_splits(max_seq_len, Q, triton.cdiv(H, block_h), q_latent.device)
     if num_splits is None:

@@ -138,7 +138,9 @@ W4A16_INTERPRET_CONFIGS = [
     (1, 1, 32, 64, 1, 1, 1),
     (math.inf, 32, 32, 64, 2, 1, 1),
 ]
-INTERPRET_NUM_SMS = 4                    # a pretend SM count, so small test shapes still exercise split-K
+# What launch heuristics assume of the GPU when the tensors are on the CPU (the interpreter, or
+# kernels.aot compiling for a target it sets here): few SMs, so small test shapes still exercise split-K.
+CPU_STAND_IN = {"sms": 4, "capability": (9, 0)}
 
 
 def is_interpreted(kernel) -> bool:
@@ -153,8 +155,15 @@ def _num_sms(device_index: int) -> int:
 
 def num_sms(device: torch.device) -> int:
     if device.type != "cuda":
-        return INTERPRET_NUM_SMS
+        return CPU_STAND_IN["sms"]
     return _num_sms(torch.cuda.current_device() if device.index is None else device.index)
+
+
+def capability(device: torch.device) -> tuple[int, int]:
+    """The device's compute capability, (9, 0) for Hopper."""
+    if device.type != "cuda":
+        return CPU_STAND_IN["capability"]
+    return torch.cuda.get_device_capability(device)
 
 
 def dot_dtype(dtype: torch.dtype, interpreted: bool):

@@ -8,6 +8,7 @@ from typing import Iterator
 
 import torch
 
+from . import ops
 from .agent import AgentRun, run_agent
 from .cache import LatentCache
 from .chat import THINK_BEGIN, THINK_END, StreamParser, parse_assistant
@@ -15,6 +16,7 @@ from .checkpoint import load_model
 from .config import ModelConfig
 from .cuda_graph import DecodeGraphs
 from .generation import Delta, Generation, LogitsProcessor, Request
+from .kernels.mla_decode import check_fp8_kv_device
 from .model import Transformer
 from .sampling import SamplingParams
 from .tokenizer import load_tokenizer
@@ -239,6 +241,8 @@ def load(path: str | Path | None = None, device: torch.device | str | None = Non
         from .demo import demo_path
         path = demo_path()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if kv_fp8 and ops.kernel_mode() != "torch":
+        check_fp8_kv_device(device)   # before hundreds of GB load, not at the first decode step
     tokenizer = load_tokenizer(path)  # first: a broken tokenizer file fails before any weights load
     model, config = load_model(path, device=device, dtype=dtype, progress=progress, parallel=parallel)
     max_seq_len = max_seq_len or config.max_position_embeddings

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import kimi_engine
 from kimi_engine.kernels.mla_decode import MIN_SPLIT_TOKENS, choose_num_splits, mla_decode, mla_decode_ref
 
 CUDA = pytest.mark.cuda
@@ -103,6 +104,19 @@ def test_mla_decode_fp8_cache():
     out = mla_decode(q_latent, q_rope, kv, table, lens, 0.25, kv_scale=scale, num_splits=3)
     torch.testing.assert_close(out, mla_decode_ref(q_latent, q_rope, kv, table, lens, 0.25, kv_scale=scale),
                                **TOL[torch.float32])
+
+
+def test_fp8_cache_needs_ada_or_hopper(monkeypatch, tmp_path):
+    """Triton has no e4m3 conversion before sm_89: an A100 gets a clear error, at load time too."""
+    from kimi_engine.kernels.mla_decode import check_fp8_kv_device
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    with pytest.raises(ValueError, match="compute capability >= 8.9.*cuda:0 is 8.0"):
+        check_fp8_kv_device(torch.device("cuda", 0))
+    check_fp8_kv_device(torch.device("cpu"))
+    with pytest.raises(ValueError, match="fp8"):
+        kimi_engine.load(tmp_path, device="cuda", kv_fp8=True)          # before reading the checkpoint
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    check_fp8_kv_device(torch.device("cuda", 0))
 
 
 def test_mla_decode_strided_queries():
