@@ -60,7 +60,7 @@ class CompileOnlyDriver:
 @contextlib.contextmanager
 def compile_only(arch: int) -> Iterator[list]:
     """Inside, every Triton launch compiles for sm_{arch} and returns without running; the compiled
-    kernels are appended to the yielded list. Split heuristics see the target's SM count."""
+    kernels are appended to the yielded list. Launch heuristics see the target's SM count and capability."""
     if is_interpreted(w4a16_matmul_kernel):
         raise RuntimeError("unset TRITON_INTERPRET: the interpreter never compiles")
     compiled: list = []
