@@ -105,6 +105,8 @@ def main(argv=None):
     runner = DecodeGraphs(engine)
     rows, profiles = [], []
     for ctx in contexts:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()                      # mem_get_info does not count the allocator's cache
         fits = [B for B in batches if device.type != "cuda"
                 or B * ctx * kv_token * L < 0.8 * torch.cuda.mem_get_info(device)[0]]
         if len(fits) < len(batches):
@@ -123,7 +125,7 @@ def main(argv=None):
             replay = math.nan
             if runner.use_graphs:
                 replay = time_ms(runner.graphs[next(b for b in runner.buckets if b >= B)][0].replay, device)
-            tok = torch.randint(2, vocab, (B, 1), generator=gen, device=device)
+            tok = torch.randint(2, vocab, (B, 1), generator=gen).to(device)   # gen is a CPU generator
             with torch.inference_mode():
                 head = time_ms(lambda: model.lm_head(model.model.norm(model.model.embed_tokens(tok)))[:, -1].float(),
                                device)

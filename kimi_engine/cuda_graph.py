@@ -42,8 +42,10 @@ def bucket_sizes(max_batch_size: int) -> tuple[int, ...]:
     return tuple(sizes) + (max_batch_size,)
 
 
-def pool_addresses(cache: LatentCache) -> tuple[int, ...]:
-    return tuple(t.data_ptr() for t in cache.kv + (cache.kv_scale or []))
+def pool_addresses(cache: LatentCache) -> tuple[tuple[int, tuple[int, ...]], ...]:
+    """What a captured graph holds of each pool: its address, and its shape (index bounds are baked in
+    too: a regrown pool at the same address still needs a new capture)."""
+    return tuple((t.data_ptr(), tuple(t.shape)) for t in cache.kv + (cache.kv_scale or []))
 
 
 def check_capturable(model) -> None:
@@ -96,7 +98,7 @@ class DecodeGraphs:
         if spare is not None and spare[0]() is None and spare[1][0].shape[0] >= blocks and spare[1][0].shape[1] == bs:
             cache.adopt(spare[1], spare[2])
         else:
-            self._spare = None                # let the old pools go before allocating new ones
+            self._spare = spare = None        # let the old pools go before allocating new ones
             cache.reserve(blocks * bs)
         self._spare = (weakref.ref(cache), cache.kv, cache.kv_scale)   # the lists _grow updates in place
         self.bind(cache)
@@ -131,9 +133,16 @@ class DecodeGraphs:
         self.graphs.clear()
 
     # ------------------------------------------------------------------------------ the step
-    @torch.inference_mode()
     def decode(self, cache: LatentCache, seq_ids: list[int], tokens) -> torch.Tensor:
         """One new token for each sequence -> next-token logits [len(seq_ids), vocab] float32."""
+        if not self.use_graphs:
+            return self._decode(cache, seq_ids, tokens)
+        # The capture stream and the upload event follow the current device: make it the engine's.
+        with torch.cuda.device(self.device):
+            return self._decode(cache, seq_ids, tokens)
+
+    @torch.inference_mode()
+    def _decode(self, cache: LatentCache, seq_ids: list[int], tokens) -> torch.Tensor:
         B = len(seq_ids)
         if not 1 <= B <= self.buckets[-1]:
             raise ValueError(f"decode: {B} sequences; the CUDA-graph buckets hold 1 to {self.buckets[-1]} "

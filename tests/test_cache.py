@@ -13,7 +13,7 @@ PROMPT = torch.randint(2, 256, (50,), generator=torch.Generator().manual_seed(1)
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
     path = write_random_checkpoint(tmp_path_factory.mktemp("tiny"), tiny_config(), seed=2)
-    return ke.load(path, dtype=torch.float32, progress=False)
+    return ke.load(path, dtype=torch.float32, progress=False, device="cpu")
 
 
 def close(a, b):
@@ -106,7 +106,7 @@ def test_32k_context_grows_with_use_and_stays_finite(tmp_path):
     config = tiny_config(num_hidden_layers=2, num_attention_heads=1, max_position_embeddings=40_000,
                          rope_scaling=dict(type="yarn", factor=40.0, original_max_position_embeddings=1024,
                                            beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0))
-    engine = ke.load(write_random_checkpoint(tmp_path, config), dtype=torch.float32, progress=False,
+    engine = ke.load(write_random_checkpoint(tmp_path, config), dtype=torch.float32, progress=False, device="cpu",
                      prefill_chunk=4096)
     cache = engine.new_cache()
     seq = cache.add_sequence()

@@ -13,7 +13,8 @@ from .model_helpers import write_chat_checkpoint
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    return ke.load(write_chat_checkpoint(tmp_path_factory.mktemp("agent")), dtype=torch.float32, progress=False)
+    path = write_chat_checkpoint(tmp_path_factory.mktemp("agent"))
+    return ke.load(path, dtype=torch.float32, progress=False, device="cpu")
 
 
 def get_weather(city: str, unit: str = "C") -> dict:

@@ -34,7 +34,7 @@ def engine32():
 
 @pytest.fixture(scope="module")
 def engine_default():
-    return kimi_engine.load(progress=False)   # no path, the defaults (bf16)
+    return kimi_engine.load(progress=False, device="cpu")   # no path, the defaults (bf16)
 
 
 def scoring_windows(ids: list[int], length: int) -> torch.Tensor:

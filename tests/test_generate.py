@@ -16,7 +16,7 @@ SAMPLING = dict(temperature=0.9, top_p=0.95, top_k=100, seed=7)
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
     path = write_chat_checkpoint(tmp_path_factory.mktemp("chat"))
-    return ke.load(path, dtype=torch.float32, progress=False, max_batch_size=8, max_seq_len=512)
+    return ke.load(path, dtype=torch.float32, progress=False, device="cpu", max_batch_size=8, max_seq_len=512)
 
 
 def test_seeded_request_same_alone_or_in_a_batch(engine):
@@ -66,7 +66,8 @@ def _force(row, token):
 
 
 def test_continuous_batching_more_prompts_than_slots(tmp_path):
-    engine = ke.load(write_chat_checkpoint(tmp_path), dtype=torch.float32, progress=False, max_batch_size=2)
+    engine = ke.load(write_chat_checkpoint(tmp_path), dtype=torch.float32, progress=False, device="cpu",
+                     max_batch_size=2)
     prompts = [f"{p} {i}" for i in range(3) for p in PROMPTS[:2]]            # 6 prompts, 2 slots
     alone = [engine.generate(p, max_new_tokens=16, temperature=0).token_ids for p in prompts]
     stop = alone[0][4]          # a stop token makes the paths finish at different steps, freeing slots
@@ -103,7 +104,7 @@ def test_bad_arguments_raise_and_engine_stays_usable(engine, kwargs, name):
 
 def test_greedy_matches_hf_generate(tmp_path):
     path = write_chat_checkpoint(tmp_path, seed=3)
-    engine = ke.load(path, dtype=torch.float32, progress=False)
+    engine = ke.load(path, dtype=torch.float32, progress=False, device="cpu")
     hf = hf_model_from_checkpoint(path, engine.config, torch.float32)
     prompt = engine.tokenizer.encode("KING RICHARD III:\nNow is the winter")
     ours = engine.generate(prompt, max_new_tokens=20, temperature=0).token_ids

@@ -17,6 +17,9 @@ import torch
 import kimi_engine
 from kimi_engine.kernels.mla_decode import MIN_SPLIT_TOKENS, choose_num_splits, mla_decode, mla_decode_ref
 
+# Kernels on CPU tensors: the interpreter (the `cuda` tests cover the compiled kernels on a GPU).
+pytestmark = pytest.mark.interpreter
+
 CUDA = pytest.mark.cuda
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=1e-2, rtol=1.6e-2),
        torch.float16: dict(atol=1e-3, rtol=1e-3)}

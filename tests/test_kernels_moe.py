@@ -11,6 +11,9 @@ import torch
 from kimi_engine.int4 import quantize
 from kimi_engine.kernels.moe import fused_moe, fused_moe_ref, moe_align
 
+# Kernels on CPU tensors: the interpreter (the `cuda` tests cover the compiled kernels on a GPU).
+pytestmark = pytest.mark.interpreter
+
 
 def make_experts(E, D, I, device="cpu", seed=0):
     g = torch.Generator().manual_seed(seed)

@@ -9,6 +9,9 @@ import torch
 
 from kimi_engine.kernels.routing import route, route_ref
 
+# Kernels on CPU tensors: the interpreter (the `cuda` tests cover the compiled kernels on a GPU).
+pytestmark = pytest.mark.interpreter
+
 
 # (T, E, top_k, n_group, topk_group): K2's 384/8 flat router, DeepSeek-V3-style groups, odd E.
 CASES = [

@@ -12,6 +12,9 @@ import torch
 from kimi_engine.int4 import quantize
 from kimi_engine.kernels.w4a16 import W4A16_INTERPRET_CONFIGS, split_k, w4a16_matmul, w4a16_matmul_ref
 
+# Kernels on CPU tensors: the interpreter (the `cuda` tests cover the compiled kernels on a GPU).
+pytestmark = pytest.mark.interpreter
+
 
 def make_weight(N, K, group_size=32, device="cpu", seed=0):
     g = torch.Generator().manual_seed(seed)

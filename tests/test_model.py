@@ -31,7 +31,7 @@ def checkpoint(request, tmp_path_factory):
 
 def test_logits_match_hf_float32(checkpoint):
     path, config = checkpoint
-    ours = ke.load(path, dtype=torch.float32, progress=False).logits(PROMPT)
+    ours = ke.load(path, dtype=torch.float32, progress=False, device="cpu").logits(PROMPT)
     theirs = hf_logits(hf_model_from_checkpoint(path, config, torch.float32), PROMPT)
     assert ours.dtype == torch.float32 and ours.shape == (len(PROMPT), config.vocab_size)
     assert rel(ours, theirs) < 1e-4
@@ -46,7 +46,7 @@ def test_logits_match_hf_bfloat16(checkpoint):
     path, config = checkpoint
     truth = hf_logits(hf_model_from_checkpoint(path, config, torch.float32), PROMPT)
     theirs = hf_logits(hf_model_from_checkpoint(path, config, torch.bfloat16), PROMPT)
-    ours = ke.load(path, dtype=torch.bfloat16, progress=False).logits(PROMPT)
+    ours = ke.load(path, dtype=torch.bfloat16, progress=False, device="cpu").logits(PROMPT)
 
     def median_token_error(x):
         return ((x - truth).norm(dim=-1) / truth.norm(dim=-1)).median().item()
@@ -56,7 +56,7 @@ def test_logits_match_hf_bfloat16(checkpoint):
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
     path = write_random_checkpoint(tmp_path_factory.mktemp("tiny"), tiny_config(), seed=1)
-    return ke.load(path, dtype=torch.float32, progress=False, max_seq_len=256)
+    return ke.load(path, dtype=torch.float32, progress=False, device="cpu", max_seq_len=256)
 
 
 def _forward(engine, cache, seqs, tokens, absorb=None):

@@ -12,12 +12,15 @@ import kimi_engine
 from kimi_engine import ops
 from kimi_engine.synthetic import tiny_config, write_random_checkpoint
 
+# Kernels on CPU tensors: the interpreter (the `cuda` tests cover the compiled kernels on a GPU).
+pytestmark = pytest.mark.interpreter
+
 
 @pytest.fixture(scope="module", params=[{}, dict(n_group=4, topk_group=2, num_experts_per_tok=3)],
                 ids=["flat-router", "group-limited"])
 def engine(request, tmp_path_factory):
     path = write_random_checkpoint(tmp_path_factory.mktemp("tiny"), tiny_config(**request.param))
-    return kimi_engine.load(path, dtype=torch.float32, progress=False)
+    return kimi_engine.load(path, dtype=torch.float32, progress=False, device="cpu")
 
 
 @pytest.fixture
