@@ -72,6 +72,16 @@ def call_tool(functions: dict[str, Callable], call: dict) -> str:
     return result if isinstance(result, str) else json.dumps(result, ensure_ascii=False, default=str)
 
 
+def run_tool(engine, functions: dict[str, Callable], call: dict) -> str:
+    """call_tool, once per call however many ranks run the engine: under tensor parallelism rank 0 runs
+    the tool and every rank reads its result (a tool may have side effects, and ranks fed different
+    results would prefill different tokens into the same collectives)."""
+    parallel = engine.model.parallel
+    if parallel is None:
+        return call_tool(functions, call)
+    return parallel.broadcast_object(call_tool(functions, call) if parallel.rank == 0 else None)
+
+
 @dataclass
 class AgentStep:
     """One round: the assistant message it produced and the tool results fed back after it."""
@@ -133,7 +143,7 @@ def run_agent(engine, messages: list[dict], tools, max_tool_calls: int = 300, on
             if calls == max_tool_calls:
                 finish = "max_tool_calls"
                 break
-            result = {"role": "tool", "tool_call_id": call["id"], "content": call_tool(functions, call)}
+            result = {"role": "tool", "tool_call_id": call["id"], "content": run_tool(engine, functions, call)}
             messages.append(result)
             step.tool_results.append(result)
             calls += 1

@@ -97,6 +97,24 @@ class Parallel:
         dist.all_reduce(x, group=self.group)
         return x
 
+    def shared_seed(self, device: torch.device) -> int:
+        """A fresh random seed, rank 0's on every rank. Sampling must pick the same tokens everywhere:
+        a rank that drew other tokens would feed them to the same collectives (wrong sums, or a hang
+        when it stops first)."""
+        seed = torch.randint(0, 2**62, (1,)).to(device)
+        dist.broadcast(seed, src=self._first_rank(), group=self.group)
+        return int(seed)
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's `obj` (picklable) on every rank; the others' `obj` is ignored."""
+        box = [obj]
+        dist.broadcast_object_list(box, src=self._first_rank(), group=self.group)
+        return box[0]
+
+    def _first_rank(self) -> int:
+        """The global rank of this group's rank 0 (collectives name their source globally)."""
+        return 0 if self.group is None else dist.get_global_rank(self.group, 0)
+
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
         """Every rank's `x` [..., n] concatenated in rank order along the last dim -> [..., n * world_size]."""
         parts = [torch.empty_like(x) for _ in range(self.world_size)]
@@ -107,6 +125,7 @@ class Parallel:
 def main(argv: list[str] | None = None) -> None:
     """Greedy generation on every rank; rank 0 prints. Run under torchrun (see the module docstring)."""
     from .engine import load   # not at the top: engine -> checkpoint -> model import this module's types
+    from .tokenizer import load_tokenizer
 
     p = argparse.ArgumentParser(description="Tensor + expert parallel greedy generation under torchrun.")
     p.add_argument("path", help="checkpoint directory")
@@ -117,12 +136,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     args = p.parse_args(argv)
 
+    if args.prompt is not None and load_tokenizer(args.path) is None:   # before every rank loads its share
+        p.error(f"{args.path} has no tokenizer: pass --token-ids")
     parallel = Parallel.from_env()
     engine = load(args.path, dtype=getattr(torch, args.dtype), parallel=parallel,
                   max_seq_len=None, progress=parallel.rank == 0)
     if args.prompt is not None:
-        if engine.tokenizer is None:
-            p.error(f"{args.path} has no tokenizer: pass --token-ids")
         ids = engine.tokenizer.encode(args.prompt)
     else:
         ids = [int(t) for t in args.token_ids.split(",")]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -241,8 +242,18 @@ def load(path: str | Path | None = None, device: torch.device | str | None = Non
         from .demo import demo_path
         path = demo_path()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # Mistakes that would otherwise surface only after hundreds of GB have loaded:
     if kv_fp8 and ops.kernel_mode() != "torch":
-        check_fp8_kv_device(device)   # before hundreds of GB load, not at the first decode step
+        check_fp8_kv_device(device)
+    if parallel is not None and parallel.world_size > 1:
+        if cuda_graphs:
+            raise ValueError("cuda_graphs: tensor/expert-parallel models are not supported (all-reduces are not captured)")
+        local = os.environ.get("LOCAL_RANK")
+        if device.type == "cuda" and local is not None:
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            if index != int(local):
+                raise ValueError(f"rank {parallel.rank} would load onto cuda:{index} but LOCAL_RANK={local}: call "
+                                 "torch.cuda.set_device(LOCAL_RANK) first (Parallel.from_env does), or pass device=")
     tokenizer = load_tokenizer(path)  # first: a broken tokenizer file fails before any weights load
     model, config = load_model(path, device=device, dtype=dtype, progress=progress, parallel=parallel)
     max_seq_len = max_seq_len or config.max_position_embeddings

@@ -92,6 +92,12 @@ class Generation:
             engine.check_tokens(r.prompt_ids)
         self.engine, self.requests, self.params, self.n = engine, requests, params, n
         self.max_new_tokens, self.seed, self.stop = max_new_tokens, seed, stop
+        # Unseeded paths draw fresh seeds from torch's global RNG, except under tensor parallelism: there
+        # every rank draws them from one source seeded alike, so all ranks sample the same tokens.
+        parallel = engine.model.parallel
+        self._seeds = None
+        if seed is None and parallel is not None and not params.greedy:
+            self._seeds = torch.Generator().manual_seed(parallel.shared_seed(engine.device))
         self.stop_token_ids, self.processors = stop_token_ids, logits_processors or []
         self.cache, self.free_finished = cache, free_finished
         self.paths: list[_Path] = []          # every path ever started, in admission order
@@ -111,6 +117,13 @@ class Generation:
                 yield from self._advance(running, logits)
                 running = [p for p in running if p.finish_reason is None]
 
+    def _path_seed(self, j: int) -> int | None:
+        if self.seed is not None:
+            return self.seed + j
+        if self._seeds is not None:
+            return int(torch.randint(0, 2**62, (1,), generator=self._seeds))
+        return None   # make_generator draws from the global RNG
+
     def _admit(self, index: int, request: Request) -> tuple[list[_Path], torch.Tensor]:
         engine, cache = self.engine, self.cache
         seq = cache.add_sequence() if request.seq is None else request.seq
@@ -119,7 +132,7 @@ class Generation:
         budget = min(self.max_new_tokens, engine.max_seq_len - len(request.prompt_ids))
         paths = []
         for j, s in enumerate(seqs):
-            path = _Path(index, j, s, make_generator(engine.device, None if self.seed is None else self.seed + j),
+            path = _Path(index, j, s, make_generator(engine.device, self._path_seed(j)),
                          engine.tokenizer.incremental_decoder() if engine.tokenizer else None, budget)
             if self.params.repetition_penalty != 1.0:
                 path.seen = torch.zeros(engine.config.vocab_size, dtype=torch.bool, device=engine.device)

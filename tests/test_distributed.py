@@ -7,6 +7,7 @@ bytes it reads through safetensors, so the test can check it read only its own s
 import datetime
 import json
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 import kimi_engine as ke
 from kimi_engine import checkpoint
+from kimi_engine.agent import run_tool
 from kimi_engine.checkpoint import INDEX_FILE, check_checkpoint, read_headers
 from kimi_engine.config import QuantConfig
 from kimi_engine.distributed import Parallel
@@ -91,11 +93,21 @@ def _worker(rank: int, store: str, cases: dict, out: str) -> None:
                          parallel=Parallel(rank, WORLD))
         with torch.inference_mode():
             cacheless = engine.model(torch.tensor([PROMPT]))[0].float()
+        torch.manual_seed(rank)   # unseeded sampling must still agree across ranks (a shared seed)
+        sampled = [c.token_ids for c in engine.generate([PROMPT[:6], PROMPT[:6]], max_new_tokens=NEW_TOKENS,
+                                                        temperature=1.0, stop_token_ids=[])]
         results[name] = dict(
             logits=engine.logits(PROMPT), cacheless=cacheless, greedy=engine.greedy(PROMPT[:6], NEW_TOKENS),
+            sampled=sampled,
             reads=list(reads),
             param_bytes={n: p.numel() * p.element_size() for n, p in engine.model.named_parameters()},
         )
+    # Agent tools run once, on rank 0, and every rank reads the result.
+    ran: list[str] = []
+    engine = SimpleNamespace(model=SimpleNamespace(parallel=Parallel(rank, WORLD)))
+    call = {"id": "0", "function": {"name": "echo", "arguments": '{"text": "hi"}'}}
+    echo = lambda text: ran.append(text) or f"{text} from {rank}"   # noqa: E731
+    results["tool"] = dict(result=run_tool(engine, {"echo": echo}, call), ran=ran)
     torch.save(results, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -127,6 +139,14 @@ def test_logits_and_greedy_match_single_process(runs, case):
         assert r[case]["greedy"] == single[case]["greedy"]
     # Every rank ends with the same logits (all-gathered), so every rank picks the same tokens.
     assert torch.equal(ranks[0][case]["logits"], ranks[1][case]["logits"])
+    # Sampled without a seed, from global RNGs seeded differently on each rank: the same tokens on both.
+    assert ranks[0][case]["sampled"] == ranks[1][case]["sampled"]
+
+
+def test_agent_tools_run_on_rank_zero_only(runs):
+    _, ranks, _ = runs
+    assert [r["tool"]["ran"] for r in ranks] == [["hi"], []]
+    assert [r["tool"]["result"] for r in ranks] == ["hi from 0", "hi from 0"]
 
 
 @pytest.mark.parametrize("case", list(CONFIGS))
@@ -208,3 +228,13 @@ def test_rank_layout_keeps_validating_the_whole_checkpoint(tmp_path):
     (path / INDEX_FILE).write_text(json.dumps(index))
     with pytest.raises(ke.CheckpointError, match="experts.7.down_proj.weight_scale' is missing"):
         check_checkpoint(path, Parallel(0, 2))
+
+
+def test_parallel_mistakes_fail_before_loading(tmp_path, monkeypatch):
+    missing = tmp_path / "not-read"                # the checks come before the checkpoint is opened
+    with pytest.raises(ValueError, match="cuda_graphs: tensor/expert-parallel"):
+        ke.load(missing, device="cpu", parallel=Parallel(0, 2), cuda_graphs=True)
+    monkeypatch.setenv("LOCAL_RANK", "1")         # rank 1 of a node, but the current device is still 0
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    with pytest.raises(ValueError, match=r"rank 1 would load onto cuda:0 but LOCAL_RANK=1"):
+        ke.load(missing, device="cuda", parallel=Parallel(1, 2))
