@@ -116,10 +116,10 @@ def w4a16_matmul_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     k_start = pid_k * K_PER_SPLIT
     k_end = tl.minimum(K, k_start + K_PER_SPLIT)
-    acc = int4_tile_matmul(x_ptr + offs_m * stride_xm, w_ptr, s_ptr, offs_m < M, offs_n, offs_n < N, k_start, k_end,
+    acc = int4_tile_matmul(x_ptr + offs_m.to(tl.int64) * stride_xm, w_ptr, s_ptr, offs_m < M, offs_n, offs_n < N, k_start, k_end,
                            stride_xk, stride_wn, stride_wk, stride_sn, stride_sk,
                            GROUP, BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE)
-    out = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    out = out_ptr + pid_k * stride_os + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
 
 

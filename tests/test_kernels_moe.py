@@ -5,6 +5,8 @@ differ only by summation order (~1e-6 relative). On CUDA at bf16, h and y are ro
 (at different points), so they agree to a few bf16 ulps of the output's scale.
 """
 
+import functools
+
 import pytest
 import torch
 
@@ -16,10 +18,17 @@ pytestmark = pytest.mark.interpreter
 
 
 def make_experts(E, D, I, device="cpu", seed=0):
-    g = torch.Generator().manual_seed(seed)
-    gate_up = torch.randn(E, 2 * I, D, generator=g) * D ** -0.5
-    down = torch.randn(E, D, I, generator=g) * I ** -0.5
-    return [t.to(device) for t in (*quantize(gate_up), *quantize(down))]
+    """Random INT4 experts, built and quantized on `device` (Kimi widths are billions of values)."""
+    g = torch.Generator(device).manual_seed(seed)
+    gate_up = torch.randn(E, 2 * I, D, generator=g, device=device) * D ** -0.5
+    down = torch.randn(E, D, I, generator=g, device=device) * I ** -0.5
+    return [*quantize(gate_up), *quantize(down)]
+
+
+@functools.lru_cache(maxsize=1)
+def kimi_width_experts():
+    # Kimi K2 widths (hidden 7168, expert intermediate 2048) with 64 experts to keep memory small.
+    return make_experts(64, 7168, 2048, device="cuda")
 
 
 def make_routing(T, top_k, used_experts, seed=0, device="cpu"):
@@ -119,9 +128,8 @@ def test_fused_moe_rejects_bad_inputs():
 @pytest.mark.parametrize("T", [1, 8, 64, 512])
 @pytest.mark.parametrize("top_k", [1, 8])
 def test_fused_moe_cuda_bf16(T, top_k):
-    # Kimi K2 widths (hidden 7168, expert intermediate 2048) with 64 experts to keep memory small.
-    E, D, I = 64, 7168, 2048
-    experts = make_experts(E, D, I, device="cuda")
+    experts = kimi_width_experts()
+    E, D = experts[0].shape[0], experts[2].shape[1]
     x = torch.randn(T, D, device="cuda").bfloat16()
     weights, ids = make_routing(T, top_k, E - 8, device="cuda")   # 8 experts without tokens
     out = fused_moe(x, *experts, weights, ids)

@@ -73,13 +73,19 @@ def test_route_rejects_bad_arguments():
 @pytest.mark.parametrize("n_group,topk_group", [(1, 1), (8, 4)])
 def test_route_cuda(T, n_group, topk_group):
     E, top_k = 384, 8
-    logits, bias = torch.randn(T, E, device="cuda"), 0.1 * torch.randn(E, device="cuda")
+    g = torch.Generator("cuda").manual_seed(T * 10 + n_group)
+    logits = torch.randn(T, E, device="cuda", generator=g)
+    bias = 0.1 * torch.randn(E, device="cuda", generator=g)
     weights, ids = route(logits, bias, top_k, n_group, topk_group, True, 2.827)
     ref_weights, ref_ids = route_ref(logits, bias, top_k, n_group, topk_group, True, 2.827)
-    # The GPU's sigmoid may differ from torch's by an ulp, which can swap two experts whose biased
-    # scores tie within that ulp; allow that, and require the picks to score the same.
+    # The GPU's sigmoid may differ from torch's by an ulp, which can swap two experts (or, with groups,
+    # two groups) whose biased scores tie within that ulp: allow a few such rows; where the same experts
+    # are picked, their order must score the same.
+    same_set = (ids.sort(1).values == ref_ids.sort(1).values).all(1)
+    assert same_set.float().mean() > 0.99
     choice = logits.sigmoid() + bias
-    torch.testing.assert_close(choice.gather(1, ids.long()), choice.gather(1, ref_ids.long()), rtol=1e-6, atol=1e-6)
-    assert (ids == ref_ids).all(1).float().mean() > 0.99
+    torch.testing.assert_close(choice.gather(1, ids.long())[same_set], choice.gather(1, ref_ids.long())[same_set],
+                               rtol=1e-6, atol=1e-6)
     same = (ids == ref_ids).all(1)
+    assert same.float().mean() > 0.99
     torch.testing.assert_close(weights[same], ref_weights[same], rtol=1e-5, atol=1e-6)

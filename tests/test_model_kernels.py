@@ -94,9 +94,11 @@ def test_router_logits_on_cpu_is_the_float32_matmul():
 
 @pytest.mark.cuda
 def test_router_logits_bf16_gemm_equals_float32_matmul():
-    # Kimi widths: the float32-output GEMM on bf16 operands sums the same exact products as HF's float32 linear
+    # Kimi widths: the float32-output GEMM on bf16 operands sums the same exact products as HF's float32
+    # linear, but tensor cores accumulate blocks of products with truncation (not IEEE rounding): an
+    # emulation at K=7168 gives up to ~4e-5 on logits of size ~1, hence 2e-4.
     x = torch.randn(5, 7168, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(384, 7168, device="cuda", dtype=torch.bfloat16) / 7168 ** 0.5
     logits = ops.router_logits(x, w)
     assert logits.dtype == torch.float32
-    torch.testing.assert_close(logits, torch.nn.functional.linear(x.float(), w.float()), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits, torch.nn.functional.linear(x.float(), w.float()), rtol=1e-4, atol=2e-4)
