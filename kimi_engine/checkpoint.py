@@ -361,6 +361,45 @@ def _to_checkpoint_format(tensors: dict[str, torch.Tensor], config: ModelConfig)
     return out
 
 
+class ShardWriter:
+    """Writes tensors, in order, into shards model-0000K-of-0000N.safetensors of at most max_shard_bytes
+    (a larger tensor gets a shard of its own), then the index with total_size. close() names the
+    shards: N is known only then. Holds one shard's tensors at a time."""
+
+    def __init__(self, path: Path, max_shard_bytes: int):
+        self.path, self.max_shard_bytes = Path(path), max_shard_bytes
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: list[tuple[Path, list[str]]] = []    # written under temporary names
+        self.total = 0
+
+    def add(self, key: str, t: torch.Tensor) -> None:
+        nbytes = t.numel() * t.element_size()
+        if self.pending and self.pending_bytes + nbytes > self.max_shard_bytes:
+            self._flush()
+        self.pending[key] = t.detach().cpu().contiguous()
+        self.pending_bytes += nbytes
+        self.total += nbytes
+
+    def _flush(self) -> None:
+        tmp = self.path / f".shard-{len(self.shards) + 1:05d}.safetensors.tmp"
+        save_file(self.pending, tmp, metadata={"format": "pt"})
+        self.shards.append((tmp, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> None:
+        if self.pending or not self.shards:
+            self._flush()
+        weight_map = {}
+        for i, (tmp, keys) in enumerate(self.shards):
+            name = f"model-{i + 1:05d}-of-{len(self.shards):05d}.safetensors"
+            tmp.rename(self.path / name)
+            weight_map.update(dict.fromkeys(keys, name))
+        index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
+        (self.path / INDEX_FILE).write_text(json.dumps(index, indent=2))
+
+
 def save_checkpoint(weights: Transformer | dict[str, torch.Tensor], path: str | Path, config: ModelConfig,
                     max_shard_bytes: int = 5 * 2**30, progress: bool = False) -> Path:
     """Write `weights` (a Transformer, or a state dict under checkpoint keys) as a checkpoint directory.
@@ -371,26 +410,9 @@ def save_checkpoint(weights: Transformer | dict[str, torch.Tensor], path: str | 
     """
     path = Path(path)
     tensors = checkpoint_state_dict(weights) if isinstance(weights, nn.Module) else weights
-    tensors = _to_checkpoint_format(tensors, config)
-
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for key, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][key] = t
-        size += nbytes
-
-    path.mkdir(parents=True, exist_ok=True)
-    weight_map, total = {}, 0
-    for i, shard in enumerate(tqdm(shards, desc="writing shards", disable=not progress)):
-        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file({k: t.detach().cpu().contiguous() for k, t in shard.items()}, path / name, metadata={"format": "pt"})
-        for k, t in shard.items():
-            weight_map[k] = name
-            total += t.numel() * t.element_size()
-    (path / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    writer = ShardWriter(path, max_shard_bytes)
+    for key, t in tqdm(_to_checkpoint_format(tensors, config).items(), desc="writing", disable=not progress):
+        writer.add(key, t)
+    writer.close()
     (path / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
     return path

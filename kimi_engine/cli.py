@@ -79,14 +79,61 @@ def inspect(path: Path) -> int:
     return 0
 
 
-def _load(args):
+def _load(args, **kwargs):
     import torch
 
     from .engine import load
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32,
              "bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
-    return load(args.model, device=device, dtype=dtype, progress=args.model is not None)
+    return load(args.model, device=device, dtype=dtype, progress=args.model is not None, **kwargs)
+
+
+def bench(args) -> int:
+    """Prefill tokens/s and decode ms per step of this checkpoint on this machine (random token ids)."""
+    import torch
+
+    engine = _load(args, max_batch_size=max(args.batches), cuda_graphs=args.cuda_graphs,
+                   max_seq_len=max(args.prompts + [args.context + args.steps + 2]))
+    cuda = engine.device.type == "cuda"
+    gen = torch.Generator().manual_seed(0)
+
+    def ids(n: int) -> list[int]:
+        return torch.randint(2, engine.config.vocab_size, (n,), generator=gen).tolist()
+
+    def timed(fn, reps: int) -> float:
+        """Seconds per call, after one warm-up call (compiles, captures, allocator growth)."""
+        fn()
+        if cuda:
+            torch.cuda.synchronize(engine.device)
+        start = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        if cuda:
+            torch.cuda.synchronize(engine.device)
+        return (time.perf_counter() - start) / reps
+
+    def prefill(prompt):
+        cache = engine.new_cache()
+        engine.prefill(cache, cache.add_sequence(), prompt)
+    print(f"{engine.device}, {engine.dtype}, {engine.config.num_hidden_layers} layers, "
+          f"CUDA graphs {'on' if engine.graphs is not None and cuda else 'off'}")
+    print("| prefill tokens | ms | tokens/s |\n|---:|---:|---:|")
+    for n in args.prompts:
+        prompt = ids(n)
+        sec = timed(lambda: prefill(prompt), args.reps)
+        print(f"| {n:,} | {sec * 1e3:,.1f} | {n / sec:,.0f} |")
+    print(f"\n| batch | context | ms per decode step | tokens/s |\n|---:|---:|---:|---:|")
+    for batch in args.batches:
+        cache = engine.new_cache()
+        seqs = [cache.add_sequence() for _ in range(batch)]
+        for seq in seqs:
+            engine.prefill(cache, seq, ids(args.context))
+        tokens = ids(batch)
+        sec = timed(lambda: engine.decode_step(cache, seqs, tokens), args.steps)
+        print(f"| {batch} | {args.context:,} | {sec * 1e3:,.2f} | {batch / sec:,.1f} |")
+        del cache
+    return 0
 
 
 def _sampling(args) -> dict:
@@ -154,20 +201,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--context", type=int, required=True, help="tokens per sequence")
     p.add_argument("--batch", type=int, default=1, help="sequences held in the KV cache")
     p.add_argument("--kv-fp8", action="store_true", help="an fp8 latent cache")
+    p = sub.add_parser("quantize", help="write a bf16 checkpoint's routed experts as INT4, Kimi K2 Thinking's layout")
+    p.add_argument("src", type=Path, help="a bf16 checkpoint directory of this architecture")
+    p.add_argument("dst", type=Path, help="the new directory (must not exist)")
+    p.add_argument("--group-size", type=int, default=32, help="inputs per scale (Kimi K2 Thinking: 32)")
+    p.add_argument("--device", default="cpu", help="where to quantize (cuda is faster; the result is the same)")
+    p.add_argument("--max-shard-gb", type=float, default=5.0, help="largest output shard, GiB")
     for name, help_text in (("generate", "stream a completion of PROMPT to stdout"),
-                            ("chat", "an interactive chat that shows the reasoning apart from the answer")):
+                            ("chat", "an interactive chat that shows the reasoning apart from the answer"),
+                            ("bench", "prefill tokens/s and decode ms per step of a checkpoint on this machine")):
         p = sub.add_parser(name, help=help_text)
         if name == "generate":
             p.add_argument("prompt")
             p.add_argument("--stats", action="store_true", help="print prefill and decode tokens/s to stderr")
-        else:
+        elif name == "chat":
             p.add_argument("--no-thinking", action="store_true", help="answer without a reasoning block")
+        else:
+            ints = lambda text: [int(v) for v in text.split(",")]   # noqa: E731
+            p.add_argument("--prompts", type=ints, default=[128, 1024], help="prefill lengths, e.g. 128,1024")
+            p.add_argument("--batches", type=ints, default=[1, 4, 8], help="decode batch sizes, e.g. 1,4,8")
+            p.add_argument("--context", type=int, default=512, help="cached tokens per sequence while decoding")
+            p.add_argument("--steps", type=int, default=16, help="timed decode steps per batch size")
+            p.add_argument("--reps", type=int, default=3, help="timed prefills per length")
+            p.add_argument("--cuda-graphs", action="store_true", help="decode through CUDA graphs (CUDA only)")
         p.add_argument("--model", type=Path, default=None, help="checkpoint directory (default: the built-in demo)")
-        p.add_argument("--max-new-tokens", type=int, default=200 if name == "generate" else 1024)
-        p.add_argument("--temperature", type=float, default=0.8)
-        p.add_argument("--top-p", type=float, default=0.95)
-        p.add_argument("--top-k", type=int, default=0)
-        p.add_argument("--seed", type=int, default=None)
+        if name != "bench":
+            p.add_argument("--max-new-tokens", type=int, default=200 if name == "generate" else 1024)
+            p.add_argument("--temperature", type=float, default=0.8)
+            p.add_argument("--top-p", type=float, default=0.95)
+            p.add_argument("--top-k", type=int, default=0)
+            p.add_argument("--seed", type=int, default=None)
         p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
         p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                        help="auto: bfloat16 on CUDA, float32 on CPU")
@@ -177,11 +240,22 @@ def main(argv: list[str] | None = None) -> int:
             return generate(args)
         if args.command == "chat":
             return chat(args)
+        if args.command == "bench":
+            return bench(args)
     except (ValueError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if args.command == "inspect":
         return inspect(args.path)
+    if args.command == "quantize":
+        from .quantize import quantize_checkpoint
+        try:
+            out = quantize_checkpoint(args.src, args.dst, args.group_size, args.device, int(args.max_shard_gb * 2**30))
+        except (ValueError, CheckpointError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        print(f"wrote {out}")
+        return inspect(out)
     if args.command == "plan":
         from .plan import format_plan, plan
         try:

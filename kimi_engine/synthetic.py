@@ -15,12 +15,8 @@ from pathlib import Path
 import torch
 
 from .checkpoint import checkpoint_layout, save_checkpoint
-from .config import ModelConfig, QuantConfig
+from .config import KIMI_QUANT, ModelConfig
 from .model import Transformer
-
-# Kimi K2 Thinking's quantization: INT4 g32 for every Linear but attention, shared experts, dense MLPs, lm_head.
-KIMI_QUANT = QuantConfig(group_size=32, targets=("Linear",), ignore=(
-    "lm_head", r"re:.*self_attn.*", r"re:.*shared_experts.*", r"re:.*mlp\.(gate|up|gate_up|down)_proj.*"))
 
 
 def tiny_config(**overrides) -> ModelConfig:

@@ -42,9 +42,8 @@ import torch.nn.functional as F
 import kimi_engine
 from kimi_engine.chat import THINK_BEGIN, THINK_END, builtin_chat_template
 from kimi_engine.checkpoint import checkpoint_state_dict, save_checkpoint
-from kimi_engine.config import ModelConfig
+from kimi_engine.config import KIMI_QUANT, ModelConfig
 from kimi_engine.model import Gate, Transformer
-from kimi_engine.synthetic import KIMI_QUANT
 from kimi_engine.tokenizer import Tokenizer, train_bpe, write_kimi_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]

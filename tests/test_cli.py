@@ -1,4 +1,4 @@
-"""`kimi-engine inspect`: a summary for a good checkpoint, exit status 1 and the error for a broken one."""
+"""`kimi-engine inspect` (a summary, or exit 1 and the error for a broken checkpoint) and `kimi-engine bench`."""
 
 import pytest
 import torch
@@ -26,3 +26,13 @@ def test_kimi_k2_parameter_counts():
         model = Transformer(config)
     total, active = parameter_counts(config, checkpoint_layout(model))
     assert total == pytest.approx(1.026e12, rel=1e-3) and active == pytest.approx(32.86e9, rel=1e-3)
+
+
+def test_bench_prints_prefill_and_decode_tables(capsys):
+    assert main(["bench", "--prompts", "16,32", "--batches", "1,2", "--context", "8", "--steps", "2", "--reps", "1",
+                 "--device", "cpu"]) == 0            # the built-in demo
+    lines = capsys.readouterr().out.splitlines()
+    prefill = [line for line in lines if line.startswith("| 16 |") or line.startswith("| 32 |")]
+    decode = [line.split("|") for line in lines if line.startswith("| 1 | 8 |") or line.startswith("| 2 | 8 |")]
+    assert len(prefill) == 2 and len(decode) == 2
+    assert all(float(row[3].replace(",", "")) > 0 and float(row[4].replace(",", "")) > 0 for row in decode)
