@@ -28,15 +28,17 @@ from .w4a16 import check_int4_weight, dot_dtype, int4_tile_matmul, is_interprete
 
 def moe_loop_ref(
     x: torch.Tensor,
-    expert_weights: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+    expert_weights: Callable[[int], tuple],
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
+    linear: Callable = F.linear,
 ) -> torch.Tensor:
     """x [T, D], routing weights/ids [T, K] -> [T, D] in x.dtype.
 
-    `expert_weights(e)` gives (gate_up [2I, D], down [D, I]) in x.dtype. Vectorized over tokens: one
-    pass per expert that received tokens; the weighted sum accumulates in float32. An id of -1 (an
-    expert held by another rank under expert parallelism) contributes nothing.
+    `expert_weights(e)` gives expert e's (gate_up [2I, D], down [D, I]), which `linear(x, w)` applies
+    (by default F.linear on weights in x.dtype). Vectorized over tokens: one pass per expert that
+    received tokens; the weighted sum accumulates in float32. An id of -1 (an expert held by another
+    rank under expert parallelism) contributes nothing.
     """
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for e in topk_ids.unique().tolist():
@@ -44,8 +46,8 @@ def moe_loop_ref(
             continue
         token, slot = torch.nonzero(topk_ids == e, as_tuple=True)
         gate_up, down = expert_weights(e)
-        gate, up = F.linear(x[token], gate_up).chunk(2, dim=-1)
-        y = F.linear(F.silu(gate) * up, down)                            # [n, D]
+        gate, up = linear(x[token], gate_up).chunk(2, dim=-1)
+        y = linear(F.silu(gate) * up, down)                              # [n, D]
         out.index_add_(0, token, y.float() * topk_weights[token, slot, None].float())
     return out.to(x.dtype)
 

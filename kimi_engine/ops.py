@@ -1,7 +1,8 @@
 """One function per hot op. The model calls these; each picks an implementation for its inputs.
 
 KIMI_ENGINE_KERNELS chooses, read at every call (so tests can monkeypatch it):
-    auto    (default) the Triton kernel for CUDA tensors, the pure-torch reference otherwise
+    auto    (default) the Triton kernel for CUDA tensors; on the CPU torch's INT4 kernel for INT4
+            weights where it takes the shape (cpu_int4.py), the pure-torch reference otherwise
     triton  always the kernel; on CPU tensors that needs TRITON_INTERPRET=1 set before triton is imported
     torch   always the reference
 bf16 experts have no kernel yet and run their reference under every setting; bf16 matmuls go to
@@ -15,6 +16,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from . import cpu_int4
 from .kernels.mla_decode import mla_decode, mla_decode_ref
 from .kernels.moe import fused_moe, fused_moe_ref, moe_loop_ref
 from .kernels.routing import route as route_kernel
@@ -32,6 +34,11 @@ def kernel_mode() -> str:
     if mode not in KERNEL_MODES:
         raise ValueError(f"{KERNELS_ENV}={value!r} is not one of {', '.join(KERNEL_MODES)}")
     return mode
+
+
+def use_cpu_int4(x: torch.Tensor, *weights: tuple[torch.Tensor, torch.Tensor]) -> bool:
+    """Whether an INT4 op on CPU tensors runs torch's INT4 kernel (auto mode, a shape it takes)."""
+    return kernel_mode() == "auto" and cpu_int4.supported(x, *weights)
 
 
 def use_triton(x: torch.Tensor) -> bool:
@@ -55,6 +62,8 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> t
     x2 = x.reshape(-1, x.shape[-1])
     if use_triton(x):
         y = w4a16_matmul(x2, packed, scale, group_size=x.shape[-1] // max(scale.shape[-1], 1))
+    elif use_cpu_int4(x, (packed, scale)):
+        y = cpu_int4.linear(x2, packed, scale)
     else:
         y = w4a16_matmul_ref(x2, packed, scale)
     return y.view(*x.shape[:-1], packed.shape[0])
@@ -85,7 +94,12 @@ def route(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, n_group: 
 
 def moe_int4(x, gate_up_packed, gate_up_scale, down_packed, down_scale, topk_weights, topk_ids):
     """Routed INT4 experts: x [T, D] -> [T, D]; see fused_moe_ref for the layout."""
-    fn = fused_moe if use_triton(x) else fused_moe_ref
+    if use_triton(x):
+        fn = fused_moe
+    elif use_cpu_int4(x, (gate_up_packed, gate_up_scale), (down_packed, down_scale)):
+        fn = cpu_int4.moe
+    else:
+        fn = fused_moe_ref
     return fn(x, gate_up_packed, gate_up_scale, down_packed, down_scale, topk_weights, topk_ids)
 
 
