@@ -15,6 +15,7 @@ config row each wrapper picks for the GPU), since the wrappers themselves make t
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import re
@@ -31,10 +32,12 @@ from triton.runtime import driver
 from triton.runtime.jit import JITFunction
 
 from . import w4a16
-from .mla_decode import mla_decode
-from .moe import fused_moe
-from .routing import route
+from .mla_decode import mla_decode, mla_decode_kernel, mla_merge_kernel
+from .moe import fused_moe, moe_down_kernel, moe_gate_up_kernel
+from .routing import route, route_kernel
 from .w4a16 import is_interpreted, w4a16_matmul, w4a16_matmul_kernel
+
+KERNELS = (w4a16_matmul_kernel, moe_gate_up_kernel, moe_down_kernel, route_kernel, mla_decode_kernel, mla_merge_kernel)
 
 # Per-block shared memory limits (bytes) and SM counts of the targets we care about.
 SHARED_LIMIT = {90: 227 * 1024, 100: 227 * 1024, 80: 163 * 1024}
@@ -73,6 +76,11 @@ def compile_only(arch: int) -> Iterator[list]:
         return kernel
 
     stand_in, active = dict(w4a16.CPU_STAND_IN), driver._active   # no CUDA here: maybe no default driver
+    # Each kernel keeps its compiled variants and its target per device: start empty, so this arch is
+    # compiled, and put the real ones back after, so later launches never get a cubin for this target.
+    caches = [kernel.device_caches for kernel in KERNELS]
+    for kernel in KERNELS:
+        kernel.device_caches = collections.defaultdict(kernel.create_binder)
     driver.set_active(CompileOnlyDriver(GPUTarget("cuda", arch, 32)))
     JITFunction.run = compile_instead
     w4a16.CPU_STAND_IN.update(sms=SM_COUNT.get(arch, stand_in["sms"]), capability=divmod(arch, 10))
@@ -81,6 +89,8 @@ def compile_only(arch: int) -> Iterator[list]:
     finally:
         JITFunction.run, driver._active = run, active
         w4a16.CPU_STAND_IN.update(stand_in)
+        for kernel, cache in zip(KERNELS, caches):
+            kernel.device_caches = cache
 
 
 @dataclasses.dataclass
@@ -182,7 +192,7 @@ def compile_all(arch: int, dtype: torch.dtype) -> tuple[list[Variant], list[str]
             try:
                 launch()
             except Exception as e:        # report every case, not just the first failure
-                failures.append(f"{case}: {type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}")
+                failures.append(f"{case}: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[-1][:300]}")
                 continue
         for kernel, config in compiled:
             if kernel.metadata.hash not in seen:

@@ -79,7 +79,16 @@ def run_tool(engine, functions: dict[str, Callable], call: dict) -> str:
     parallel = engine.model.parallel
     if parallel is None:
         return call_tool(functions, call)
-    return parallel.broadcast_object(call_tool(functions, call) if parallel.rank == 0 else None)
+    outcome = None
+    if parallel.rank == 0:
+        try:
+            outcome = ("result", call_tool(functions, call))
+        except BaseException as e:   # every rank must reach the broadcast, then every rank raises
+            outcome = ("error", f"{type(e).__name__}: {e}")
+    kind, text = parallel.broadcast_object(outcome)
+    if kind == "error":
+        raise RuntimeError(f"tool call {call.get('function', {}).get('name')!r} failed on rank 0: {text}")
+    return text
 
 
 @dataclass

@@ -189,6 +189,18 @@ def chat(args) -> int:
     return 0
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: must be >= 1")
+    return value
+
+
+def positive_ints(text: str) -> list[int]:
+    """'1,4,8' -> [1, 4, 8], each >= 1."""
+    return [positive_int(v) for v in text.split(",")]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kimi-engine", description="Run Kimi K2 Thinking from Python.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -198,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", type=Path, required=True, help="config.json (or a checkpoint directory)")
     p.add_argument("--world-size", type=int, default=8, help="GPUs the model is split over")
     p.add_argument("--gpu-memory", type=float, required=True, help="memory per GPU in GB (10^9 bytes)")
-    p.add_argument("--context", type=int, required=True, help="tokens per sequence")
+    p.add_argument("--context", type=positive_int, required=True, help="tokens per sequence")
     p.add_argument("--batch", type=int, default=1, help="sequences held in the KV cache")
     p.add_argument("--kv-fp8", action="store_true", help="an fp8 latent cache")
     p = sub.add_parser("quantize", help="write a bf16 checkpoint's routed experts as INT4, Kimi K2 Thinking's layout")
@@ -217,12 +229,11 @@ def main(argv: list[str] | None = None) -> int:
         elif name == "chat":
             p.add_argument("--no-thinking", action="store_true", help="answer without a reasoning block")
         else:
-            ints = lambda text: [int(v) for v in text.split(",")]   # noqa: E731
-            p.add_argument("--prompts", type=ints, default=[128, 1024], help="prefill lengths, e.g. 128,1024")
-            p.add_argument("--batches", type=ints, default=[1, 4, 8], help="decode batch sizes, e.g. 1,4,8")
-            p.add_argument("--context", type=int, default=512, help="cached tokens per sequence while decoding")
-            p.add_argument("--steps", type=int, default=16, help="timed decode steps per batch size")
-            p.add_argument("--reps", type=int, default=3, help="timed prefills per length")
+            p.add_argument("--prompts", type=positive_ints, default=[128, 1024], help="prefill lengths, e.g. 128,1024")
+            p.add_argument("--batches", type=positive_ints, default=[1, 4, 8], help="decode batch sizes, e.g. 1,4,8")
+            p.add_argument("--context", type=positive_int, default=512, help="cached tokens per sequence while decoding")
+            p.add_argument("--steps", type=positive_int, default=16, help="timed decode steps per batch size")
+            p.add_argument("--reps", type=positive_int, default=3, help="timed prefills per length")
             p.add_argument("--cuda-graphs", action="store_true", help="decode through CUDA graphs (CUDA only)")
         p.add_argument("--model", type=Path, default=None, help="checkpoint directory (default: the built-in demo)")
         if name != "bench":

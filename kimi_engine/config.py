@@ -85,7 +85,6 @@ class QuantConfig:
         return any(map(matches, self.targets)) and not any(map(matches, self.ignore))
 
 
-
 # Kimi K2 Thinking's own quantization_config: routed experts INT4 (group 32), everything else bf16.
 KIMI_QUANT = QuantConfig(group_size=32, targets=("Linear",), ignore=(
     "lm_head", r"re:.*self_attn.*", r"re:.*shared_experts.*", r"re:.*mlp\.(gate|up|gate_up|down)_proj.*"))

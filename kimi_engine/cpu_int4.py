@@ -25,9 +25,10 @@ FLOAT32_MAX_ROWS = 1                 # float32 inputs with more rows than this t
 ROW_MULTIPLE = 16                    # output rows per weight must be a multiple of this
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-# id(packed weight) -> (its version, activation dtype, converted weights: one (weight, group, scales) per
-# matrix). Keyed by id, not by the tensor (tensors compare elementwise); an entry leaves with its tensor.
-_converted: dict[int, tuple[int, torch.dtype, list]] = {}
+# id(packed weight) -> (what it was converted from: packed and scale states, activation dtype; the converted
+# weights, one (weight, group, scales) per matrix). Keyed by id, not by the tensor (tensors compare
+# elementwise); an entry leaves with its tensor.
+_cache: dict[int, tuple[tuple, list]] = {}
 
 
 def available() -> bool:
@@ -37,6 +38,8 @@ def available() -> bool:
 def supported(x: torch.Tensor, *weights: tuple[torch.Tensor, torch.Tensor]) -> bool:
     """Whether x @ each (packed [..., N, K/8], scale [..., N, K/G]) weight can run here."""
     if x.device.type != "cpu" or x.dtype not in DTYPES or not available():
+        return False
+    if torch.is_grad_enabled() and x.requires_grad:    # the kernel has no backward
         return False
     for packed, scale in weights:
         K = packed.shape[-1] * PACK_FACTOR
@@ -53,16 +56,23 @@ def _convert(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> t
     return weight, packed.shape[-1] * PACK_FACTOR // scale.shape[-1], torch.stack([scales, torch.zeros_like(scales)], -1)
 
 
+def _state(t: torch.Tensor) -> tuple:
+    """What identifies a tensor's contents: its storage and version (inference tensors have no version
+    counter, and cannot be changed in place outside inference mode)."""
+    return id(t), t.data_ptr(), 0 if t.is_inference() else t._version
+
+
 def converted(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> list:
     """The kernel's layout of a weight ([N, K/8]) or a stack of them ([E, N, K/8]), cached."""
-    hit = _converted.get(id(packed))
-    if hit is not None and hit[0] == packed._version and hit[1] == dtype:
-        return hit[2]
+    key = (_state(packed), _state(scale), dtype)
+    hit = _cache.get(id(packed))
+    if hit is not None and hit[0] == key:
+        return hit[1]
     if hit is None:
-        weakref.finalize(packed, _converted.pop, id(packed), None)
+        weakref.finalize(packed, _cache.pop, id(packed), None)
     matrices = [_convert(p, s, dtype) for p, s in zip(packed.reshape(-1, *packed.shape[-2:]),
                                                        scale.reshape(-1, *scale.shape[-2:]))]
-    _converted[id(packed)] = (packed._version, dtype, matrices)
+    _cache[id(packed)] = (key, matrices)
     return matrices
 
 

@@ -108,6 +108,10 @@ def _worker(rank: int, store: str, cases: dict, out: str) -> None:
     call = {"id": "0", "function": {"name": "echo", "arguments": '{"text": "hi"}'}}
     echo = lambda text: ran.append(text) or f"{text} from {rank}"   # noqa: E731
     results["tool"] = dict(result=run_tool(engine, {"echo": echo}, call), ran=ran)
+    try:                                          # a call that breaks on rank 0 raises on every rank, no hang
+        run_tool(engine, {"echo": echo}, {"id": "1"})
+    except RuntimeError as e:
+        results["tool"]["error"] = str(e)
     torch.save(results, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -147,6 +151,7 @@ def test_agent_tools_run_on_rank_zero_only(runs):
     _, ranks, _ = runs
     assert [r["tool"]["ran"] for r in ranks] == [["hi"], []]
     assert [r["tool"]["result"] for r in ranks] == ["hi from 0", "hi from 0"]
+    assert all("failed on rank 0: KeyError" in r["tool"]["error"] for r in ranks)
 
 
 @pytest.mark.parametrize("case", list(CONFIGS))

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 import kimi_engine as ke
 from kimi_engine import int4
@@ -68,6 +69,9 @@ def test_quantize_refuses_bad_input_and_writes_nothing(bf16_checkpoint, tmp_path
         quantize_checkpoint(done, tmp_path / "again", progress=False)
     with pytest.raises(ke.CheckpointError, match="already exists"):
         quantize_checkpoint(src, done, progress=False)
+    with pytest.raises(ValueError, match="device"):
+        quantize_checkpoint(src, tmp_path / "dev", device="nonsense", progress=False)
+    assert not (tmp_path / "dev").exists() and not (tmp_path / "dev.partial").exists()
     shard = next(src.glob("model-00002-*.safetensors"))
     shard.write_bytes(shard.read_bytes()[:100])                     # truncated: caught before writing
     with pytest.raises(ke.CheckpointError, match=shard.name):
@@ -82,3 +86,23 @@ def test_cli_quantize(bf16_checkpoint, tmp_path, capsys):
     assert "wrote" in out and "INT4" in out
     assert main(["quantize", str(src), str(tmp_path / "out")]) == 1
     assert "already exists" in capsys.readouterr().err
+
+
+def test_multi_token_prediction_experts_follow_the_rule(tmp_path):
+    # DeepSeek-V3-style checkpoints store an MTP layer after the last one; the engine skips it, but its
+    # experts must still be INT4 under the written quantization_config, and the rest copied.
+    config = tiny_config(num_nextn_predict_layers=1).replace(quantization_config=None)
+    src = save_checkpoint(random_state_dict(config, seed=1), tmp_path / "bf16", config)
+    mtp = {"model.layers.3.mlp.experts.0.down_proj.weight": torch.randn(64, 32, dtype=torch.bfloat16),
+           "model.layers.3.eh_proj.weight": torch.randn(64, 128, dtype=torch.bfloat16)}
+    save_file(mtp, src / "mtp.safetensors")
+    index = json.loads((src / INDEX_FILE).read_text())
+    index["weight_map"].update(dict.fromkeys(mtp, "mtp.safetensors"))
+    (src / INDEX_FILE).write_text(json.dumps(index))
+    dst = quantize_checkpoint(src, tmp_path / "int4", progress=False)
+    headers = read_headers(dst)
+    packed, scale = int4.quantize(mtp["model.layers.3.mlp.experts.0.down_proj.weight"], 32)
+    assert torch.equal(tensor(dst, "model.layers.3.mlp.experts.0.down_proj.weight_packed"), packed)
+    assert torch.equal(tensor(dst, "model.layers.3.eh_proj.weight"), mtp["model.layers.3.eh_proj.weight"])
+    assert "model.layers.3.mlp.experts.0.down_proj.weight" not in headers
+    assert not (dst / "mtp.safetensors").exists()                  # its tensors moved into the new shards
