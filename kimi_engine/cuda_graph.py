@@ -48,10 +48,15 @@ def pool_addresses(cache: LatentCache) -> tuple[tuple[int, tuple[int, ...]], ...
     return tuple((t.data_ptr(), tuple(t.shape)) for t in cache.kv + (cache.kv_scale or []))
 
 
+def check_not_parallel(parallel) -> None:
+    """ValueError for a tensor/expert-parallel model (a Parallel of world size > 1): its all-reduces are not captured."""
+    if parallel is not None and parallel.world_size > 1:
+        raise ValueError("cuda_graphs: tensor/expert-parallel models are not supported (all-reduces are not captured)")
+
+
 def check_capturable(model) -> None:
     """ValueError for models whose decode step cannot be captured: their ops read back to the host."""
-    if model.parallel is not None:
-        raise ValueError("cuda_graphs: tensor/expert-parallel models are not supported (all-reduces are not captured)")
+    check_not_parallel(model.parallel)
     if any(isinstance(m, Experts) and not m.int4 for m in model.modules()):
         raise ValueError("cuda_graphs needs INT4 routed experts: bf16 experts run a reference loop that reads "
                          "the expert ids back to the host")

@@ -15,7 +15,7 @@ from .cache import LatentCache
 from .chat import THINK_BEGIN, THINK_END, StreamParser, parse_assistant
 from .checkpoint import load_model
 from .config import ModelConfig
-from .cuda_graph import DecodeGraphs
+from .cuda_graph import DecodeGraphs, check_not_parallel
 from .generation import Delta, Generation, LogitsProcessor, Request
 from .kernels.mla_decode import check_fp8_kv_device
 from .model import Transformer
@@ -245,9 +245,9 @@ def load(path: str | Path | None = None, device: torch.device | str | None = Non
     # Mistakes that would otherwise surface only after hundreds of GB have loaded:
     if kv_fp8 and ops.kernel_mode() != "torch":
         check_fp8_kv_device(device)
+    if cuda_graphs:
+        check_not_parallel(parallel)
     if parallel is not None and parallel.world_size > 1:
-        if cuda_graphs:
-            raise ValueError("cuda_graphs: tensor/expert-parallel models are not supported (all-reduces are not captured)")
         local = os.environ.get("LOCAL_RANK")
         if device.type == "cuda" and local is not None:
             index = device.index if device.index is not None else torch.cuda.current_device()
