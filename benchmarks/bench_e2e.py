@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import kimi_engine as ke  # noqa: E402
-from kimi_engine.cuda_graph import DecodeGraphs  # noqa: E402
+from kimi_engine.runtime.cuda_graphs import DecodeGraphs  # noqa: E402
 from kimi_engine.plan import BANDWIDTH, GB, plan  # noqa: E402
 from kimi_engine.synthetic import kimi_k2_config, tiny_config  # noqa: E402
 

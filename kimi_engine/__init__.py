@@ -7,10 +7,10 @@
 
 from .checkpoint import load_model, read_headers, save_checkpoint
 from .config import ModelConfig, QuantConfig
-from .engine import Engine, load
-from .chat import StreamParser, parse_assistant
+from .runtime.engine import Engine, load
+from .chat.parser import StreamParser, parse_assistant
 from .errors import CheckpointError
-from .tokenizer import Tokenizer
+from .chat.tokenizer import Tokenizer
 
 __all__ = ["CheckpointError", "Engine", "ModelConfig", "QuantConfig", "StreamParser", "Tokenizer", "load",
            "load_model", "parse_assistant", "read_headers", "save_checkpoint"]

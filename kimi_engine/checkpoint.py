@@ -30,7 +30,7 @@ from .errors import CheckpointError
 from .model import Transformer
 
 if TYPE_CHECKING:
-    from .distributed import Parallel
+    from .parallel import Parallel
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"

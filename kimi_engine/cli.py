@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -79,14 +80,29 @@ def inspect(path: Path) -> int:
     return 0
 
 
+def _under_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def _load(args, **kwargs):
+    """The engine the arguments describe. Under torchrun (WORLD_SIZE > 1) each rank loads its shard of a
+    tensor/expert-parallel model; every rank then runs the same command, and only rank 0 prints."""
     import torch
 
-    from .engine import load
+    from .runtime.engine import load
+    parallel = None
+    if _under_torchrun():
+        from .parallel import Parallel
+        parallel = Parallel.from_env()
+        if parallel.rank != 0:
+            sys.stdout = open(os.devnull, "w")   # every rank computes the same tokens; one prints them
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if parallel is not None and device == "cuda":
+        device = f"cuda:{torch.cuda.current_device()}"
     dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32,
              "bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
-    return load(args.model, device=device, dtype=dtype, progress=args.model is not None, **kwargs)
+    progress = args.model is not None and (parallel is None or parallel.rank == 0)
+    return load(args.model, device=device, dtype=dtype, progress=progress, parallel=parallel, **kwargs)
 
 
 def bench(args) -> int:
@@ -202,7 +218,8 @@ def positive_ints(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kimi-engine", description="Run Kimi K2 Thinking from Python.")
+    parser = argparse.ArgumentParser(prog="kimi-engine", description="Run Kimi K2 Thinking from Python. "
+                                     "Under torchrun (python -m kimi_engine.cli ...) generate and chat run tensor/expert parallel.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="summarize and validate a checkpoint directory (reads headers only)")
     p.add_argument("path", type=Path)

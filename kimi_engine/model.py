@@ -25,7 +25,7 @@ from .config import ModelConfig
 from .int4 import PACK_FACTOR, dequantize
 
 if TYPE_CHECKING:
-    from .distributed import Parallel
+    from .parallel import Parallel
 
 
 KV_TILE = 4096  # context positions expanded at a time by the naive (prefill) attention

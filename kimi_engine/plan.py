@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import ModelConfig
-from .distributed import Parallel
+from .parallel import Parallel
 from .model import Transformer
 
 GB = 1e9

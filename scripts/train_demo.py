@@ -44,7 +44,7 @@ from kimi_engine.chat import THINK_BEGIN, THINK_END, builtin_chat_template
 from kimi_engine.checkpoint import checkpoint_state_dict, save_checkpoint
 from kimi_engine.config import KIMI_QUANT, ModelConfig
 from kimi_engine.model import Gate, Transformer
-from kimi_engine.tokenizer import Tokenizer, train_bpe, write_kimi_tokenizer
+from kimi_engine.chat.tokenizer import Tokenizer, train_bpe, write_kimi_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"

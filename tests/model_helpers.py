@@ -4,7 +4,7 @@ from pathlib import Path
 
 from kimi_engine.chat import builtin_chat_template
 from kimi_engine.synthetic import tiny_config, write_random_checkpoint
-from kimi_engine.tokenizer import NUM_RESERVED_SPECIAL_TOKENS, write_kimi_tokenizer
+from kimi_engine.chat.tokenizer import NUM_RESERVED_SPECIAL_TOKENS, write_kimi_tokenizer
 
 from .tokenizer_helpers import train_bytes_vocab
 

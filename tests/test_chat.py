@@ -8,9 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jinja2.exceptions import SecurityError, TemplateError
 
-from kimi_engine.chat import (MESSAGE_END, OTHER_CONTROL, SECTION_BEGIN, SECTION_END, StreamParser,
-                              builtin_chat_template, parse_assistant, render_chat_template)
-from kimi_engine.tokenizer import Tokenizer
+from kimi_engine.chat import builtin_chat_template, render_chat_template
+from kimi_engine.chat.parser import MESSAGE_END, OTHER_CONTROL, SECTION_BEGIN, SECTION_END, StreamParser, parse_assistant
+from kimi_engine.chat.tokenizer import Tokenizer
 
 from .tokenizer_helpers import (FIXTURE_TEMPLATE, kimi_dir, kimi_vocab, shared_path,  # noqa: F401
                                 tiktoken_reference, write_kimi_dir)

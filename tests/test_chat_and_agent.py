@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import kimi_engine as ke
-from kimi_engine.agent import tool_schema
+from kimi_engine.runtime.agent import tool_schema
 
 from .model_helpers import write_chat_checkpoint
 

@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import kimi_engine as ke
 from kimi_engine import ops
-from kimi_engine.cuda_graph import DecodeGraphs, bucket_sizes, pool_addresses
+from kimi_engine.runtime.cuda_graphs import DecodeGraphs, bucket_sizes, pool_addresses
 from kimi_engine.synthetic import tiny_config, write_random_checkpoint
 
 PROMPTS = [[3, 17, 42, 7, 99], list(range(2, 40)), [250, 11, 64, 9] * 5, list(range(100, 121)), [5, 6]]

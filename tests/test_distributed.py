@@ -17,10 +17,10 @@ from safetensors.torch import load_file, save_file
 
 import kimi_engine as ke
 from kimi_engine import checkpoint
-from kimi_engine.agent import run_tool
+from kimi_engine.runtime.agent import run_tool
 from kimi_engine.checkpoint import INDEX_FILE, check_checkpoint, read_headers
 from kimi_engine.config import QuantConfig
-from kimi_engine.distributed import Parallel
+from kimi_engine.parallel import Parallel
 from kimi_engine.synthetic import tiny_config, write_random_checkpoint
 
 WORLD = 2

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import kimi_engine as ke
-from kimi_engine.sampling import SamplingParams, apply_repetition_penalty, filter_logits, make_generator, sample
+from kimi_engine.runtime.sampling import SamplingParams, apply_repetition_penalty, filter_logits, make_generator, sample
 
 from .hf_reference import hf_model_from_checkpoint
 from .model_helpers import write_chat_checkpoint

@@ -10,7 +10,7 @@ import torch
 
 from kimi_engine.cli import main
 from kimi_engine.config import ModelConfig
-from kimi_engine.distributed import Parallel
+from kimi_engine.parallel import Parallel
 from kimi_engine.model import Transformer
 from kimi_engine.plan import GB, experts_on_busiest_rank, plan, weight_kind
 from kimi_engine.synthetic import tiny_config

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kimi_engine.errors import CheckpointError
-from kimi_engine.tokenizer import KIMI_PATTERN, Tokenizer, load_tokenizer
+from kimi_engine.chat.tokenizer import KIMI_PATTERN, Tokenizer, load_tokenizer
 
 from .tokenizer_helpers import (EXTRA_TEXT, KIMI_PATTERN_REFERENCE, KIMI_SPECIALS, kimi_dir, kimi_vocab,  # noqa: F401
                                shared_path, tiktoken_reference, write_kimi_dir)

@@ -58,7 +58,7 @@ def shared_path(relative: str) -> Path:
 
 def train_bytes_vocab(vocab_size: int = 2048, shakespeare_chars: int = 300_000) -> list[bytes]:
     """Token bytes by rank of a byte-level BPE trained on tiny Shakespeare (a prefix) + EXTRA_TEXT."""
-    from kimi_engine.tokenizer import train_bpe
+    from kimi_engine.chat.tokenizer import train_bpe
 
     text = shared_path("data/tinyshakespeare.txt").read_text(encoding="utf-8")[:shakespeare_chars]
     return train_bpe([*text.splitlines(keepends=True), *[EXTRA_TEXT] * 20], vocab_size)
@@ -67,7 +67,7 @@ def train_bytes_vocab(vocab_size: int = 2048, shakespeare_chars: int = 300_000) 
 def write_kimi_dir(directory: Path, tokens: list[bytes], chat_template: str | None = None) -> Path:
     """Write tiktoken.model + tokenizer_config.json (+ chat_template.jinja) as Kimi's checkpoints have them,
     through the library's writer, with this file's copy of Kimi's special tokens."""
-    from kimi_engine.tokenizer import write_kimi_tokenizer
+    from kimi_engine.chat.tokenizer import write_kimi_tokenizer
 
     return write_kimi_tokenizer(directory, tokens, KIMI_SPECIALS, chat_template=chat_template)
 

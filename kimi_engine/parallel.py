@@ -1,6 +1,6 @@
 """Tensor and expert parallelism over torch.distributed (one process per GPU, as torchrun starts them).
 
-    torchrun --nproc-per-node 8 -m kimi_engine.distributed /models/Kimi-K2-Thinking --prompt "..."
+    torchrun --nproc-per-node 8 -m kimi_engine.cli generate "..." --model /models/Kimi-K2-Thinking
 
 Every rank runs every token (the activations are replicated); the weights are split:
   - attention by head: q_b_proj (or q_proj) and kv_b_proj column-split, o_proj row-split (its
@@ -25,7 +25,6 @@ rank never reads another rank's bytes. Without a Parallel (or with world_size 1)
 
 from __future__ import annotations
 
-import argparse
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -120,36 +119,3 @@ class Parallel:
         parts = [torch.empty_like(x) for _ in range(self.world_size)]
         dist.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat(parts, dim=-1)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Greedy generation on every rank; rank 0 prints. Run under torchrun (see the module docstring)."""
-    from .engine import load   # not at the top: engine -> checkpoint -> model import this module's types
-    from .tokenizer import load_tokenizer
-
-    p = argparse.ArgumentParser(description="Tensor + expert parallel greedy generation under torchrun.")
-    p.add_argument("path", help="checkpoint directory")
-    prompt = p.add_mutually_exclusive_group(required=True)
-    prompt.add_argument("--prompt", help="text (needs the checkpoint's tokenizer)")
-    prompt.add_argument("--token-ids", help="comma-separated prompt token ids")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
-    args = p.parse_args(argv)
-
-    if args.prompt is not None and load_tokenizer(args.path) is None:   # before every rank loads its share
-        p.error(f"{args.path} has no tokenizer: pass --token-ids")
-    parallel = Parallel.from_env()
-    engine = load(args.path, dtype=getattr(torch, args.dtype), parallel=parallel,
-                  max_seq_len=None, progress=parallel.rank == 0)
-    if args.prompt is not None:
-        ids = engine.tokenizer.encode(args.prompt)
-    else:
-        ids = [int(t) for t in args.token_ids.split(",")]
-    out = engine.greedy(ids, args.max_new_tokens)   # identical on every rank: the logits are all-gathered
-    if parallel.rank == 0:
-        print(engine.tokenizer.decode(out) if args.prompt is not None else ",".join(map(str, out)))
-    dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    main()

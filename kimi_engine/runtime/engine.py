@@ -9,18 +9,18 @@ from typing import Iterator
 
 import torch
 
-from . import ops
+from .. import ops
 from .agent import AgentRun, run_agent
-from .cache import LatentCache
-from .chat import THINK_BEGIN, THINK_END, StreamParser, parse_assistant
-from .checkpoint import load_model
-from .config import ModelConfig
-from .cuda_graph import DecodeGraphs, check_not_parallel
+from ..cache import LatentCache
+from ..chat.parser import THINK_BEGIN, THINK_END, StreamParser, parse_assistant
+from ..checkpoint import load_model
+from ..config import ModelConfig
+from .cuda_graphs import DecodeGraphs, check_not_parallel
 from .generation import Delta, Generation, LogitsProcessor, Request
-from .kernels.mla_decode import check_fp8_kv_device
-from .model import Transformer
+from ..kernels.mla_decode import check_fp8_kv_device
+from ..model import Transformer
 from .sampling import SamplingParams
-from .tokenizer import load_tokenizer
+from ..chat.tokenizer import load_tokenizer
 
 
 def aggregation_request(drafts: list[dict]) -> str:
@@ -231,7 +231,7 @@ def load(path: str | Path | None = None, device: torch.device | str | None = Non
     device: default CUDA when available, else CPU. max_seq_len: the longest sequence a cache holds
     (default: the config's max_position_embeddings); the cache itself grows with use.
     prefill_chunk: tokens per prefill forward pass. kv_fp8: store the latent cache as fp8 (e4m3).
-    parallel: a kimi_engine.distributed.Parallel to load this rank's shard of a tensor/expert-parallel
+    parallel: a kimi_engine.parallel.Parallel to load this rank's shard of a tensor/expert-parallel
     model (every rank then runs the same calls on the same inputs); None: the whole model here.
     cuda_graphs: decode steps replay CUDA graphs, captured once per batch-size bucket (cuda_graph.py);
     needs the Triton kernels and INT4 experts. Off CUDA the same static-buffer step runs eagerly.
@@ -239,7 +239,7 @@ def load(path: str | Path | None = None, device: torch.device | str | None = Non
     if prefill_chunk <= 0:
         raise ValueError(f"prefill_chunk={prefill_chunk} must be positive")
     if path is None:  # the built-in demo model, shipped as package data (kimi_engine/demo/)
-        from .demo import demo_path
+        from ..demo import demo_path
         path = demo_path()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     # Mistakes that would otherwise surface only after hundreds of GB have loaded:

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import tokenizers
 
-from .chat import render_chat_template
-from .errors import CheckpointError
+from .template import render_chat_template
+from ..errors import CheckpointError
 
 VOCAB_FILE, CONFIG_FILE, TEMPLATE_FILE = "tiktoken.model", "tokenizer_config.json", "chat_template.jinja"
 

@@ -26,9 +26,9 @@ import weakref
 
 import torch
 
-from . import ops
-from .cache import CacheBatch, LatentCache
-from .model import Experts
+from .. import ops
+from ..cache import CacheBatch, LatentCache
+from ..model import Experts
 
 WARMUP_STEPS = 2   # eager runs before a capture: Triton compiles, cuBLAS picks kernels and workspaces
 

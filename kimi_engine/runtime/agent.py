@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .chat import parse_assistant
+from ..chat.parser import parse_assistant
 from .generation import Generation, Request
 from .sampling import SamplingParams
 

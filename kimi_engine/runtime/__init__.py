@@ -1,0 +1,1 @@
+"""The runtime: engine facade, scheduler, runner, sampling, agent loop."""
