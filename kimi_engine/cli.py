@@ -262,8 +262,19 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
         p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                        help="auto: bfloat16 on CUDA, float32 on CPU")
+    # serve: an OpenAI-compatible server (kimi_engine/server); its flags live beside it.
+    from .server.main import add_arguments as add_serve_arguments
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server: chat, completions, tools, metrics")
+    p.add_argument("--model", type=Path, default=None, help="checkpoint directory (default: the built-in demo)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                   help="auto: bfloat16 on CUDA, float32 on CPU")
+    add_serve_arguments(p)
     args = parser.parse_args(argv)
     try:
+        if args.command == "serve":
+            from .server.main import serve
+            return serve(args, lambda **kwargs: _load(args, **kwargs))
         if args.command == "generate":
             return generate(args)
         if args.command == "chat":
