@@ -7,6 +7,7 @@ import socket
 import threading
 import time
 from contextlib import contextmanager
+from functools import lru_cache
 
 import httpx
 import torch
@@ -17,9 +18,10 @@ from kimi_engine.server import create_app
 MODEL = "kimi-engine-demo"
 
 
-def demo_engine(**kwargs):
-    kwargs.setdefault("max_batch_size", 8)
-    return kimi_engine.load(device="cpu", dtype=torch.float32, progress=False, **kwargs)
+@lru_cache(maxsize=None)
+def demo_engine(max_batch_size: int = 8):
+    """The demo engine, loaded once per test process (the server test modules share it; each test leaves it idle)."""
+    return kimi_engine.load(device="cpu", dtype=torch.float32, progress=False, max_batch_size=max_batch_size)
 
 
 class RunningServer:

@@ -6,6 +6,7 @@ from functools import partial
 
 import anyio
 from fastapi import Request
+from jinja2.exceptions import TemplateError
 
 from .common import ServerState, collect, engine_error, render_chat, sse, start
 from .errors import ApiError
@@ -92,7 +93,7 @@ async def chat_completions(state: ServerState, body: ChatCompletionRequest, requ
             partial(render_chat, engine, messages, kwargs["tools"], kwargs["thinking"]))
     except ValueError as e:
         raise engine_error(e, _RENAMES) from None
-    except Exception as e:   # noqa: BLE001 - the template rejected these messages (jinja2 errors)
+    except TemplateError as e:   # the template's raise_exception(), or messages it cannot render
         raise ApiError(400, f"messages: the chat template cannot render them: {e}", "messages") from None
     if len(prompt) >= engine.max_seq_len:
         raise ApiError(400, f"messages: the prompt has {len(prompt)} tokens; the context holds {engine.max_seq_len} "

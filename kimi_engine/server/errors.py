@@ -33,18 +33,26 @@ class ApiError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
+_TYPE_NAMES = {"str", "int", "float", "bool", "dict", "list", "none", "json-or-python"}
+_ROLE_TAGS = {"system", "developer", "user", "assistant", "tool"}   # the messages union's tags
+
+
 def field_path(loc) -> str | None:
-    """pydantic's loc ('body', 'messages', 0, 'role') -> 'messages[0].role' (the form OpenAI's param takes)."""
-    out = ""
+    """pydantic's loc ('body', 'messages', 0, 'user', 'content') -> 'messages[0].content', the form OpenAI's
+    param takes: the body prefix, union members (str, literal[...], NamedToolChoice) and union tags go."""
+    out, previous = "", None
     for part in loc:
-        if part == "body" and not out:
-            continue
         if isinstance(part, int):
             out += f"[{part}]"
-        elif out and not str(part).startswith(("function-", "tagged-")):
-            out += f".{part}"
-        elif not out:
-            out = str(part)
+        elif part == "body" and previous is None:
+            pass
+        elif not part.isidentifier() or part in _TYPE_NAMES or part[:1].isupper() or "[" in part:
+            pass
+        elif isinstance(previous, int) and part in _ROLE_TAGS and out.endswith("]") and out.startswith("messages"):
+            pass
+        else:
+            out += f".{part}" if out else part
+        previous = part
     return out or None
 
 
