@@ -72,6 +72,9 @@ async def start(admission: Admission, factories, renames: dict[str, str]) -> Eng
     return stream
 
 
+_SHUTDOWN = ApiError(503, "the server shut down before this request finished", None, "shutting_down")
+
+
 def _error_event(e: BaseException) -> str:
     status = 400 if isinstance(e, ValueError) else 500
     if not isinstance(e, ValueError):
@@ -91,7 +94,9 @@ def sse(state: ServerState, stream: EngineStream, admission: Admission, acc, fee
             async for index, item in stream:
                 for chunk in feed(index, item):
                     yield json.dumps(chunk, ensure_ascii=False)
-            if acc.include_usage:
+            if stream.cancelled:    # cut by the shutdown deadline (a client that left reads nothing more)
+                yield json.dumps(_SHUTDOWN.body())
+            elif acc.include_usage:
                 yield json.dumps(acc.usage_chunk(), ensure_ascii=False)
         except Exception as e:   # noqa: BLE001 - headers are sent: the error goes in the stream
             yield _error_event(e)
@@ -100,8 +105,9 @@ def sse(state: ServerState, stream: EngineStream, admission: Admission, acc, fee
             finish()
         yield "[DONE]"
 
-    # shutdown_grace_period: on SIGTERM a running stream may finish for that long before it is cut.
-    return EventSourceResponse(events(), ping=15, shutdown_grace_period=state.shutdown_grace)
+    # The host cuts streams at the shutdown deadline (EngineHost.begin_shutdown) and the stream then ends
+    # with an error event and [DONE]; sse-starlette's own cut-off comes later, only as a backstop.
+    return EventSourceResponse(events(), ping=15, shutdown_grace_period=state.shutdown_grace + 2)
 
 
 async def _disconnected(request: Request) -> None:
@@ -127,6 +133,8 @@ async def collect(request: Request, stream: EngineStream, admission: Admission, 
             return JSONResponse({"error": {"message": "client disconnected", "type": "invalid_request_error",
                                            "param": None, "code": "client_disconnected"}}, status_code=499)
         e = work.exception()
+        if e is None and stream.cancelled:
+            raise _SHUTDOWN
         if isinstance(e, ValueError):
             raise engine_error(e, {})
         if e is not None:

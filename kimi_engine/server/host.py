@@ -116,6 +116,10 @@ class EngineStream:
         self._cancel.set()
 
     @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    @property
     def finished(self) -> bool:
         return not any(t.is_alive() for t in self._threads)
 
@@ -194,6 +198,14 @@ class EngineHost:
     def abort_all(self) -> None:
         for stream in list(self.streams):
             stream.cancel()
+
+    def begin_shutdown(self, grace: float) -> None:
+        """SIGTERM: refuse new requests (503) and give the running ones `grace` seconds before aborting them.
+        Runs on the event loop's thread (uvicorn's signal handler)."""
+        if self.draining:
+            return
+        self.draining = True
+        asyncio.get_event_loop().call_later(grace, self.abort_all)
 
 
 class Admission:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
+import signal
 from pathlib import Path
 from typing import Callable
 
@@ -80,13 +82,32 @@ def serve(args, load_engine: Callable[..., object]) -> int:
         if close is not None:
             close()                # under torchrun this releases the followers
 
-    app = create_app(lambda: load_engine(**kwargs), model_name=name, api_key=api_key, max_queue=args.max_queue,
+    def load_and_warm():
+        # The first forward pass pays one-time costs (INT4 weight conversion, allocator growth, kernel
+        # compiles): a few tokens here, so that /health says 200 only once a request runs at full speed.
+        engine = load_engine(**kwargs)
+        prompt = [engine.config.bos_token_id or 0] * 8
+        engine.generate(prompt, max_new_tokens=2, temperature=0.0)
+        return engine
+
+    app = create_app(load_and_warm, model_name=name, api_key=api_key, max_queue=args.max_queue,
                      shutdown_grace=args.shutdown_timeout, on_load_error=on_load_error, on_shutdown=on_shutdown)
+    # uvicorn's own deadline comes after the host's (which aborts what still runs, so it ends cleanly).
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=max(1, round(args.shutdown_timeout)))
-    server = uvicorn.Server(config)
+                            timeout_graceful_shutdown=math.ceil(args.shutdown_timeout) + 5)
+    host = app.state.kimi.host
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            host.begin_shutdown(args.shutdown_timeout)
+            super().handle_exit(sig, frame)
+    server = Server(config)
     if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without an API key: anyone who reaches it can use the model", args.host)
+    # uvicorn re-raises the signal it stopped on once it has drained; a no-op handler by then makes a
+    # drained SIGTERM (or Ctrl-C) exit 0 instead of dying by the signal.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     server.run()
     if failed:
         print(f"error: the model failed to load: {failed[0]}")
