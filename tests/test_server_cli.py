@@ -10,8 +10,10 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.server_helpers import wait_until
 
@@ -62,6 +64,52 @@ def test_serve_command_exits_cleanly_on_sigterm_mid_stream():
             raise AssertionError("still accepting after SIGTERM")
         except httpx.TransportError:
             pass
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _rank0_child(launcher: int) -> int | None:
+    """The pid of torchrun's worker with RANK=0 (found through /proc)."""
+    for child in Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split():
+        try:
+            env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"RANK=0" in env:
+            return int(child)
+    return None
+
+
+def test_serve_under_torchrun_world_size_2():
+    from kimi_engine.runtime.engine import Engine
+    if not hasattr(Engine, "follow"):
+        pytest.skip("this engine has no follow() yet (the scheduler)")
+    port, master = _free_port(), _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                             "--master-port", str(master), "-m", "kimi_engine.cli", "serve", "--port", str(port),
+                             "--device", "cpu", "--shutdown-timeout", "2", "--log-level", "warning"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def healthy():
+            try:
+                return httpx.get(url + "/health", timeout=1).status_code == 200
+            except httpx.TransportError:
+                return False
+        assert wait_until(healthy, timeout=180, interval=0.25), proc.stderr.read() if proc.poll() is not None else ""
+        r = httpx.post(url + "/v1/completions", timeout=120, json={"prompt": "ROMEO:", "max_tokens": 6,
+                                                                   "temperature": 0})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1, r.text
+        r = httpx.post(url + "/v1/chat/completions", timeout=120, json={
+            "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "seed": 1})
+        assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("stop", "length"), r.text
+        rank0 = _rank0_child(proc.pid)
+        assert rank0 is not None
+        os.kill(rank0, signal.SIGTERM)       # rank 0 drains and closes the engine, which releases rank 1
+        assert proc.wait(timeout=60) == 0, proc.stderr.read()[-3000:]
     finally:
         if proc.poll() is None:
             proc.kill()

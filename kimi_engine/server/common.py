@@ -89,6 +89,14 @@ def sse(state: ServerState, stream: EngineStream, admission: Admission, acc, fee
     goes away cancels this generator (sse-starlette watches for the disconnect): `finally` releases
     the slots, which cancels the engine stream and so aborts the request in the engine.
     """
+    finished = []
+
+    def cleanup():   # once, however the response ends
+        if not finished:
+            finished.append(True)
+            admission.release()
+            finish()
+
     async def events():
         try:
             async for index, item in stream:
@@ -101,13 +109,27 @@ def sse(state: ServerState, stream: EngineStream, admission: Admission, acc, fee
         except Exception as e:   # noqa: BLE001 - headers are sent: the error goes in the stream
             yield _error_event(e)
         finally:
-            admission.release()
-            finish()
+            cleanup()
         yield "[DONE]"
 
     # The host cuts streams at the shutdown deadline (EngineHost.begin_shutdown) and the stream then ends
     # with an error event and [DONE]; sse-starlette's own cut-off comes later, only as a backstop.
-    return EventSourceResponse(events(), ping=15, shutdown_grace_period=state.shutdown_grace + 2)
+    return _GuardedSSE(events(), cleanup, ping=15, shutdown_grace_period=state.shutdown_grace + 2)
+
+
+class _GuardedSSE(EventSourceResponse):
+    """An SSE response that runs `cleanup` when it ends: a client gone before the first event means the
+    body generator never starts, so its own `finally` would never run and the slots would leak."""
+
+    def __init__(self, content, cleanup, **kwargs):
+        super().__init__(content, **kwargs)
+        self._cleanup = cleanup
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._cleanup()
 
 
 async def _disconnected(request: Request) -> None:

@@ -66,6 +66,10 @@ def serve(args, load_engine: Callable[..., object]) -> int:
     if world > 1 and not hasattr(engine_module.Engine, "follow"):
         raise ValueError("serving under torchrun needs an engine with follow(); this build has none")
     if rank != 0:
+        # torchrun hands SIGTERM/SIGINT to every rank: a follower leaves only when rank 0, having drained,
+        # closes the engine (leaving earlier would hang rank 0's next collective).
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: None)
         engine = load_engine(**kwargs)
         engine.follow()            # returns once rank 0 closes the engine
         return 0
