@@ -60,11 +60,8 @@ def chat_arguments(state: ServerState, body: ChatCompletionRequest) -> dict:
     if body.response_format is not None and body.response_format.type != "text":
         _require(state, "chat", "response_format", "response_format")
         kwargs["response_format"] = body.response_format.model_dump(by_alias=True, exclude_none=True)
-    if body.parallel_tool_calls is not None:
-        if state.accepts("chat", "parallel_tool_calls"):
-            kwargs["parallel_tool_calls"] = body.parallel_tool_calls
-        elif body.parallel_tool_calls is False and tools:
-            raise ApiError(400, "parallel_tool_calls=false: not supported by this engine build", "parallel_tool_calls")
+    if body.parallel_tool_calls is not None and state.accepts("chat", "parallel_tool_calls"):
+        kwargs["parallel_tool_calls"] = body.parallel_tool_calls   # else the reply keeps only the first call
     max_tokens = body.max_completion_tokens or body.max_tokens
     sampling = {"temperature": body.temperature, "top_p": body.top_p, "min_p": body.min_p,
                 "top_k": 0 if body.top_k == -1 else body.top_k, "repetition_penalty": body.repetition_penalty,
@@ -78,7 +75,7 @@ def chat_arguments(state: ServerState, body: ChatCompletionRequest) -> dict:
 
 
 def _require(state: ServerState, method: str, argument: str, param: str) -> None:
-    if not state.accepts(method, argument):
+    if not state.accepts(method, argument) or (param != "logprobs" and not state.constrained_decoding):
         raise ApiError(400, f"{param}: not supported by this engine build (engine.{method} has no {argument})", param)
 
 
@@ -106,7 +103,8 @@ async def chat_completions(state: ServerState, body: ChatCompletionRequest, requ
                  for j in range(body.n)]
     stream = await start(admission, factories, _RENAMES)
     include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
-    acc = ChatAccumulator(state.model_name, body.n, include_usage)
+    acc = ChatAccumulator(state.model_name, body.n, include_usage,
+                          max_tool_calls=1 if body.parallel_tool_calls is False else None)
     timer = RequestTimer(state.metrics)
 
     def feed(index, item):

@@ -52,10 +52,12 @@ class _Choice:
 class ChatAccumulator:
     """Feeds engine.chat stream dicts of n choices; gives OpenAI chunks while streaming and the body at the end."""
 
-    def __init__(self, model: str, n: int, include_usage: bool):
+    def __init__(self, model: str, n: int, include_usage: bool, max_tool_calls: int | None = None):
+        """max_tool_calls: keep only this many calls of a turn (parallel_tool_calls=false, where the
+        engine cannot constrain the count itself)."""
         self.id, self.created, self.model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), model
         self.choices = [_Choice() for _ in range(n)]
-        self.include_usage = include_usage
+        self.include_usage, self.max_tool_calls = include_usage, max_tool_calls
 
     def _chunk(self, index: int, delta: dict, finish_reason=None, logprobs=None) -> dict:
         choice = self.choices[index]
@@ -79,6 +81,8 @@ class ChatAccumulator:
             out.append(self._chunk(index, {"content": item["content"]}))
         for call in item.get("tool_calls", []):
             k = len(choice.tool_calls)
+            if self.max_tool_calls is not None and k >= self.max_tool_calls:
+                continue
             fn = call["function"]
             choice.tool_calls.append({"id": call["id"], "type": "function",
                                       "function": {"name": fn["name"], "arguments": fn["arguments"]}})
