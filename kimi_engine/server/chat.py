@@ -11,7 +11,7 @@ from jinja2.exceptions import TemplateError
 from .common import ServerState, collect, engine_error, render_chat, sse, start
 from .errors import ApiError
 from .metrics import RequestTimer
-from .openai_format import ChatAccumulator
+from .openai_format import ChatAccumulator, TokenText
 from .schemas import ChatCompletionRequest, NamedToolChoice, text_of
 
 # engine.chat / generate argument -> the request field it comes from (for the param of a 400)
@@ -103,7 +103,7 @@ async def chat_completions(state: ServerState, body: ChatCompletionRequest, requ
                  for j in range(body.n)]
     stream = await start(admission, factories, _RENAMES)
     include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
-    acc = ChatAccumulator(state.model_name, body.n, include_usage,
+    acc = ChatAccumulator(state.model_name, body.n, include_usage, TokenText(engine.tokenizer),
                           max_tool_calls=1 if body.parallel_tool_calls is False else None)
     timer = RequestTimer(state.metrics)
 

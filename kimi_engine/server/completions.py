@@ -10,7 +10,7 @@ from fastapi import Request
 from .common import ServerState, collect, sse, start
 from .errors import ApiError
 from .metrics import RequestTimer
-from .openai_format import CompletionAccumulator
+from .openai_format import CompletionAccumulator, TokenText
 from .schemas import CompletionRequest
 
 _RENAMES = {"max_new_tokens": "max_tokens", "token_ids": "prompt", "stop_token_ids": "stop"}
@@ -65,7 +65,7 @@ async def completions(state: ServerState, body: CompletionRequest, request: Requ
     stream = await start(admission, [partial(engine.generate, batch, n=body.n, stream=True, **kwargs)], _RENAMES)
     include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
     acc = CompletionAccumulator(state.model_name, [len(p) for p in prompts], body.n, include_usage,
-                                body.logprobs is not None)
+                                body.logprobs is not None, TokenText(engine.tokenizer))
     timer = RequestTimer(state.metrics)
 
     def feed(_, delta):

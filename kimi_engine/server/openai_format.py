@@ -18,23 +18,41 @@ def _bytes(token: str) -> list[int]:
     return list(token.encode("utf-8", "surrogatepass"))
 
 
-def chat_logprobs(entries: list[dict]) -> list[dict]:
+class TokenText:
+    """A logprobs entry's token as text: the engine's "token" when it gives one, else the tokenizer's
+    decoding of "token_id" (a piece of a multi-byte character decodes to U+FFFD, as OpenAI shows it)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, entry: dict) -> str:
+        if "token" in entry:
+            return entry["token"]
+        return self.tokenizer.decode([entry["token_id"]]) if self.tokenizer is not None else f"<{entry['token_id']}>"
+
+
+def chat_logprobs(entries: list[dict], text: TokenText) -> list[dict]:
     """The engine's per-token logprobs -> OpenAI chat's logprobs.content items."""
-    return [{"token": e["token"], "logprob": e["logprob"], "bytes": _bytes(e["token"]),
-             "top_logprobs": [{"token": t["token"], "logprob": t["logprob"], "bytes": _bytes(t["token"])}
-                              for t in e.get("top_logprobs", [])]} for e in entries]
+    out = []
+    for e in entries:
+        token = text(e)
+        tops = [(text(t), t["logprob"]) for t in e.get("top_logprobs", [])]
+        out.append({"token": token, "logprob": e["logprob"], "bytes": _bytes(token),
+                    "top_logprobs": [{"token": t, "logprob": lp, "bytes": _bytes(t)} for t, lp in tops]})
+    return out
 
 
-def completion_logprobs(entries: list[dict], offset: int) -> dict:
+def completion_logprobs(entries: list[dict], offset: int, text: TokenText | None = None) -> dict:
     """The engine's per-token logprobs -> the completions API's {tokens, token_logprobs, top_logprobs, text_offset};
     offset: characters of this choice's text before these tokens."""
     out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     for e in entries:
-        out["tokens"].append(e["token"])
+        token = text(e)
+        out["tokens"].append(token)
         out["token_logprobs"].append(e["logprob"])
-        out["top_logprobs"].append({t["token"]: t["logprob"] for t in e.get("top_logprobs", [])})
+        out["top_logprobs"].append({text(t): t["logprob"] for t in e.get("top_logprobs", [])})
         out["text_offset"].append(offset)
-        offset += len(e["token"])
+        offset += len(token)
     return out
 
 
@@ -52,10 +70,12 @@ class _Choice:
 class ChatAccumulator:
     """Feeds engine.chat stream dicts of n choices; gives OpenAI chunks while streaming and the body at the end."""
 
-    def __init__(self, model: str, n: int, include_usage: bool, max_tool_calls: int | None = None):
+    def __init__(self, model: str, n: int, include_usage: bool, token_text: TokenText,
+                 max_tool_calls: int | None = None):
         """max_tool_calls: keep only this many calls of a turn (parallel_tool_calls=false, where the
         engine cannot constrain the count itself)."""
         self.id, self.created, self.model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), model
+        self.token_text = token_text
         self.choices = [_Choice() for _ in range(n)]
         self.include_usage, self.max_tool_calls = include_usage, max_tool_calls
 
@@ -91,7 +111,7 @@ class ChatAccumulator:
                                                            "function": {"name": fn["name"], "arguments": ""}}]}))
             out.append(self._chunk(index, {"tool_calls": [{"index": k, "function": {"arguments": fn["arguments"]}}]}))
         if "logprobs" in item:
-            entries = chat_logprobs(item["logprobs"])
+            entries = chat_logprobs(item["logprobs"], self.token_text)
             choice.logprobs = (choice.logprobs or []) + entries
             out.append(self._chunk(index, {}, logprobs={"content": entries}))
         if "finish_reason" in item:
@@ -129,8 +149,10 @@ class ChatAccumulator:
 class CompletionAccumulator:
     """Feeds engine.generate Deltas of len(prompt_tokens) prompts x n samples (choice = prompt * n + sample)."""
 
-    def __init__(self, model: str, prompt_tokens: list[int], n: int, include_usage: bool, logprobs: bool):
+    def __init__(self, model: str, prompt_tokens: list[int], n: int, include_usage: bool, logprobs: bool,
+                 token_text: TokenText):
         self.id, self.created, self.model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), model
+        self.token_text = token_text
         self.prompt_tokens, self.n, self.include_usage, self.want_logprobs = prompt_tokens, n, include_usage, logprobs
         count = len(prompt_tokens) * n
         self.text = [""] * count
@@ -144,7 +166,7 @@ class CompletionAccumulator:
         i = delta.prompt * self.n + delta.sample
         lp = None
         if self.want_logprobs and delta.logprobs:
-            lp = completion_logprobs(delta.logprobs, len(self.text[i]))
+            lp = completion_logprobs(delta.logprobs, len(self.text[i]), self.token_text)
             for key, values in lp.items():
                 self.logprobs[i][key] += values
         self.text[i] += delta.text
