@@ -179,14 +179,18 @@ def test_logprobs(client, engine):
     assert len(c.choices[0].logprobs.tokens) == 4 and all(len(t) == 2 for t in c.choices[0].logprobs.top_logprobs)
 
 
-@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
-def test_tool_choice_gives_schema_valid_calls(client, engine, choice):
+@pytest.mark.parametrize("choice,parallel", [("required", None), ("required", False),
+                                             ({"type": "function", "function": {"name": "get_weather"}}, None)])
+def test_tool_choice_gives_schema_valid_calls(client, engine, choice, parallel):
     _needs(engine, "chat", "tool_choice")
+    extra = {} if parallel is None else {"parallel_tool_calls": parallel}
     r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Weather in Rome?"}],
                                        tools=[CLOCK, WEATHER], tool_choice=choice, max_tokens=80, temperature=0.7,
-                                       seed=1, extra_body=NO_THINK)
+                                       seed=1, extra_body=NO_THINK, **extra)
     c = r.choices[0]
     assert c.finish_reason == "tool_calls" and c.message.tool_calls
+    if parallel is False:
+        assert len(c.message.tool_calls) == 1
     schemas = {t["function"]["name"]: t["function"]["parameters"] for t in (CLOCK, WEATHER)}
     for i, call in enumerate(c.message.tool_calls):
         if isinstance(choice, dict):
@@ -238,3 +242,27 @@ def test_multi_turn_reuses_the_cached_prefix(client, engine):
     second = client.chat.completions.create(model=MODEL, messages=history, max_tokens=8, temperature=0, extra_body=NO_THINK)
     cached = second.usage.prompt_tokens_details.cached_tokens
     assert cached >= 64 and cached < second.usage.prompt_tokens   # whole blocks of the shared prefix
+
+
+def test_metrics_count_what_was_served(server, client):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape() -> dict:
+        text = httpx.get(server.url + "/metrics").text
+        return {s.name + str(sorted(s.labels.items())): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}
+    before = scrape()
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=6,
+                                       temperature=0, extra_body=NO_THINK)
+    after = scrape()
+
+    def grew(name):
+        return after[name + "[]"] - before.get(name + "[]", 0)
+    assert grew("kimi_engine_prompt_tokens_total") == r.usage.prompt_tokens
+    assert grew("kimi_engine_prompt_tokens_cached_total") == r.usage.prompt_tokens_details.cached_tokens
+    assert grew("kimi_engine_generation_tokens_total") == r.usage.completion_tokens
+    assert grew("kimi_engine_time_to_first_token_seconds_count") == 1
+    assert grew("kimi_engine_time_per_output_token_seconds_count") == (1 if r.usage.completion_tokens > 1 else 0)
+    assert after["kimi_engine_requests_running[]"] == 0 and after["kimi_engine_requests_waiting[]"] == 0
+    key = "kimi_engine_requests_total[('endpoint', '/v1/chat/completions'), ('status', '200')]"
+    assert after[key] - before.get(key, 0) == 1
