@@ -64,7 +64,8 @@ def compiler(tokenizer):
 
 @pytest.fixture(scope="module")
 def engine():
-    return ke.load(device="cpu", dtype=torch.float32, progress=False)
+    # n=10: the tool-call test's 50 samples in 5 requests.
+    return ke.load(device="cpu", dtype=torch.float32, progress=False, max_batch_size=10)
 
 
 def ids(tokenizer, text):
@@ -332,12 +333,14 @@ def check_call(call, schemas, index=None):
 def test_forced_tool_calls_parse_and_validate(engine):
     compiler = GrammarCompiler(engine.tokenizer, engine.config.vocab_size)
     runs = [({"type": "function", "function": {"name": name}}, seed) for seed, name in enumerate(SCHEMAS)]
-    runs += [("required", 10), ("required", 11), ("required", 12)]
-    samples = 0
+    runs += [("required", 10)]
+    samples, names = 0, set()
     for choice, seed in runs:
         g = compiler.compile(tools=TOOLS, tool_choice=choice, thinking=False, first_call_index=2,
                              parallel_tool_calls=False)
-        messages = engine.chat(MESSAGES, tools=TOOLS, thinking=False, n=8, seed=seed, max_new_tokens=60,
+        # The prompt leaves the declarations out: the demo model cannot read them, and ~870 prompt tokens
+        # of them would make each of the 10 paths' decode steps attend over a 10x longer cache.
+        messages = engine.chat(MESSAGES, tools=None, thinking=False, n=10, seed=seed, max_new_tokens=60,
                                temperature=1.0, logits_processors=[g.logits_processor()])
         for message in messages:
             assert len(message["tool_calls"]) == 1, message         # finished, one call
@@ -346,7 +349,8 @@ def test_forced_tool_calls_parse_and_validate(engine):
             if choice != "required":
                 assert call["function"]["name"] == choice["function"]["name"]
             samples += 1
-    assert samples >= 50
+            names.add(call["function"]["name"])
+    assert samples == 50 and names == set(SCHEMAS)
 
 
 def test_parallel_required_calls_count_from_first_call_index(engine):

@@ -391,7 +391,14 @@ def apply_masks(logits: torch.Tensor, matchers: list[Matcher | None]) -> None:
 
 
 class _Masker:
-    """Reused bitmask buffers of one compiler on one device; grows with the batch."""
+    """Reused bitmask buffers of one compiler on one device (they grow with the batch).
+
+    Each step: llguidance writes the constrained rows' bitmasks into a pinned host buffer (in
+    parallel over rows), one upload, then each mask byte looks up its 8 penalties (0 or -inf) and the
+    penalties are added to the constrained rows. Adding a gathered penalty is 5x faster on a CPU than
+    masked_fill with the unpacked mask (163,840 ids x 8 rows: 0.7 ms against 3.4 ms); free rows are
+    not read or written.
+    """
 
     def __init__(self, compiler: GrammarCompiler, device: torch.device):
         self.compiler, self.device = compiler, device
@@ -403,15 +410,16 @@ class _Masker:
         valid = torch.zeros(self.words * 32, dtype=torch.bool)
         valid[:compiler.tokenizer_vocab_size] = True
         self._valid = _pack_bits(valid)
-        # forbid[b] = the 8 "not allowed" flags of byte value b, lowest bit first (llguidance's order;
-        # int32 words viewed as bytes on a little-endian host).
-        bits = (torch.arange(256)[:, None] >> torch.arange(8)) & 1
-        self._forbid = (bits == 0).to(device)
+        # penalty[b, j] = 0 if bit j of byte value b is set (allowed) else -inf, lowest bit first:
+        # llguidance's order, its int32 words read as bytes on a little-endian host.
+        allowed = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).bool()
+        self._penalty32 = torch.zeros(256, 8).masked_fill(~allowed, float("-inf")).to(device)
+        self._penalty: dict[torch.dtype, torch.Tensor] = {}
         self._copied = None                                               # CUDA event of the last upload
 
-    def _grow(self, batch: int) -> None:
+    def _grow(self, rows: int) -> None:
         pin = self.device.type == "cuda"
-        self._capacity = max(batch, 2 * self._capacity)
+        self._capacity = max(rows, 2 * self._capacity)
         self._host = torch.empty(self._capacity, self.words, dtype=torch.int32, pin_memory=pin)
         self._dev = self._host if self.device.type == "cpu" else torch.empty_like(self._host, device=self.device)
 
@@ -423,37 +431,46 @@ class _Masker:
             raise ValueError(f"logits must be floating point, got {logits.dtype}")
         if logits.shape[0] > 1 and logits.stride(0) == 0:
             raise ValueError("logits rows share memory (an expanded view): masking one row would mask them all")
-        rows = [(m._m, i) for i, m in enumerate(matchers) if m is not None]
         if any(m.grammar.compiler is not self.compiler for m in matchers if m is not None):
             raise ValueError("matchers come from different GrammarCompilers")
-        batch = len(matchers)
+        where = [i for i, m in enumerate(matchers) if m is not None]
+        if not where:
+            return
+        count = len(where)
         with self._lock:
-            if batch > self._capacity:
-                self._grow(batch)
+            if count > self._capacity:
+                self._grow(count)
             if self._copied is not None:
                 self._copied.synchronize()          # the last upload has left the pinned buffer
-            host = self._host[:batch]
-            host.fill_(-1)                          # free rows: everything allowed
-            if len(rows) == 1:                      # no thread hand-off for a single row
-                m, i = rows[0]
-                m.unsafe_compute_mask_ptr(host[i].data_ptr(), self.words * 4)
-            else:
-                self._executor_fill(rows, host)
-            index = torch.tensor([i for _, i in rows])
-            host[index] &= self._valid
-            dev = self._dev[:batch]
+            host = self._host[:count]               # row k: the mask of logits row where[k]
+            self._fill([matchers[i]._m for i in where], host)
+            host &= self._valid
+            dev = self._dev[:count]
             if self.device.type == "cuda":        # async from pinned memory; the event guards the reuse
                 dev.copy_(host, non_blocking=True)
                 self._copied = torch.cuda.Event()
                 self._copied.record()
             elif self.device.type != "cpu":
                 dev.copy_(host)
-            # [B, W] int32 -> [B, 4W] bytes -> [B, 4W, 8] "forbidden" flags -> [B, V]
-            forbid = self._forbid[dev.view(torch.uint8).long()].view(batch, -1)[:, :self.compiler.vocab_size]
-            logits.masked_fill_(forbid, float("-inf"))
+            penalty = self._penalty.get(logits.dtype)
+            if penalty is None:
+                penalty = self._penalty[logits.dtype] = self._penalty32.to(logits.dtype)
+            # [R, W] int32 -> [R*4W] bytes -> [R*4W, 8] penalties -> [R, V]
+            rows = penalty.index_select(0, dev.view(torch.uint8).flatten().int()).view(count, -1)
+            rows = rows[:, :self.compiler.vocab_size]
+            if count == logits.shape[0]:
+                logits.add_(rows)
+            else:
+                index = torch.tensor(where).to(self.device, non_blocking=True)
+                logits.index_add_(0, index, rows)
 
-    def _executor_fill(self, rows, host: torch.Tensor) -> None:
-        self.compiler._executor.unsafe_compute_mask_ptr(rows, host.data_ptr(), self.words * 4, host.shape[0])
+    def _fill(self, matchers: list[llg.LLMatcher], host: torch.Tensor) -> None:
+        """llguidance writes matcher k's bitmask into host[k] (int32 [len(matchers), words], contiguous)."""
+        if len(matchers) == 1:                      # no thread hand-off for a single row
+            matchers[0].unsafe_compute_mask_ptr(host.data_ptr(), self.words * 4)
+        else:
+            self.compiler._executor.unsafe_compute_mask_ptr([(m, k) for k, m in enumerate(matchers)],
+                                                           host.data_ptr(), self.words * 4, host.shape[0])
 
 
 def _pack_bits(flags: torch.Tensor) -> torch.Tensor:
