@@ -18,7 +18,7 @@ import kimi_engine as ke
 from kimi_engine.chat import parse_assistant
 from kimi_engine.demo import demo_path
 from kimi_engine.runtime.grammar import GrammarCompiler, apply_masks
-from kimi_engine.tokenizer import load_tokenizer
+from kimi_engine.tokenizer import KIMI_SPECIAL_TOKENS, load_tokenizer, write_kimi_tokenizer
 
 TOOL_TOKENS = ("<|tool_calls_section_begin|>", "<|tool_call_begin|>", "<|tool_call_argument_begin|>",
                "<|tool_call_end|>", "<|tool_calls_section_end|>")
@@ -192,6 +192,22 @@ def test_lark_grammar_can_force_special_tokens(compiler, tokenizer):
     m = g.matcher()
     feed(m, tokenizer, "Thus")
     assert m.allowed_token_ids() == [special(tokenizer, "<|im_end|>")]
+    m.accept(special(tokenizer, "<|im_end|>"))      # named by the grammar: accepted as its token
+    assert m.is_finished()                          # and, an end token, it ends the sequence
+
+
+def test_think_markers_as_text_when_not_special_tokens(tokenizer, tmp_path):
+    """A vocabulary without <think>/</think> specials: the reasoning ends at the text "</think>"."""
+    specials = {k: v for k, v in KIMI_SPECIAL_TOKENS.items() if v not in ("<think>", "</think>")}
+    base = tokenizer.token_bytes[:tokenizer.vocab_size - len(tokenizer.special_tokens)]
+    plain = load_tokenizer(write_kimi_tokenizer(tmp_path, base, specials))
+    assert "</think>" not in plain.special_tokens
+    g = GrammarCompiler(plain, plain.vocab_size).compile(tools=TOOLS, tool_choice="required", thinking=True)
+    m = g.matcher()
+    feed(m, plain, "<think>I ponder <thin")
+    assert special(plain, "<|tool_calls_section_begin|>") not in m.allowed_token_ids()   # still reasoning
+    feed(m, plain, "k> and more</think>")
+    assert m.allowed_token_ids() == [special(plain, "<|tool_calls_section_begin|>")]
 
 
 def test_padding_ids_are_never_allowed(tokenizer):
@@ -356,7 +372,7 @@ def test_forced_tool_calls_parse_and_validate(engine):
 def test_parallel_required_calls_count_from_first_call_index(engine):
     compiler = GrammarCompiler(engine.tokenizer, engine.config.vocab_size)
     g = compiler.compile(tools=TOOLS, tool_choice="required", thinking=False, first_call_index=5)
-    messages = engine.chat(MESSAGES, tools=TOOLS, thinking=False, n=4, seed=3, max_new_tokens=100,
+    messages = engine.chat(MESSAGES, tools=None, thinking=False, n=4, seed=3, max_new_tokens=100,  # short prompt
                            temperature=1.0, logits_processors=[g.logits_processor()])
     for message in messages:    # a turn cut off by max_new_tokens keeps its complete calls
         assert message["tool_calls"]
@@ -390,7 +406,7 @@ def test_none_never_calls_even_when_the_model_wants_to(engine):
         row = row.clone()
         row[tool_ids] += 100.0
         return row
-    prompt = engine.tokenizer.apply_chat_template(MESSAGES, TOOLS, add_generation_prompt=True)
+    prompt = engine.tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True)   # short: no declarations
     unconstrained = engine.generate(prompt, max_new_tokens=3, seed=0, logits_processors=[eager])
     assert set(unconstrained.token_ids) & set(tool_ids.tolist())       # so the check below can fail
     g = compiler.compile(tools=TOOLS, tool_choice="none", thinking=True)

@@ -12,10 +12,10 @@ Thinking's vocabulary and in the demo's), and a guarantee about tool calls has t
 ids and forbid them elsewhere. llguidance's Lark grammars name special tokens as grammar symbols
 (`<|tool_call_begin|>`, or `<[163597]>` by id) beside ordinary text terminals and inline JSON
 schemas (`@name` references to JSON-schema grammars), so one grammar says "reasoning, then
-</think>, then a section of calls whose arguments follow each tool's schema" at the token level;
-xgrammar matches byte strings and keeps special tokens out of its grammars (only its stop tokens
-are allowed at the end), so the markers could only be spelled as text, which the model never
-writes. llguidance also builds its tokenizer straight from the `tokenizers` JSON we already make
+</think>, then a section of calls whose arguments follow each tool's schema" at the token level.
+xgrammar's grammars match bytes, and in the releases vLLM and SGLang have shipped (0.1.x) its
+TokenizerInfo keeps special tokens out of every mask except its stop tokens, so the markers could
+only be spelled as text, which the model never writes. llguidance also builds its tokenizer straight from the `tokenizers` JSON we already make
 (Kimi's tiktoken ranks as a byte-level BPE, kimi_engine/tokenizer.py), takes the model's vocab_size
 (padding rows past the tokenizer are never allowed), fills a batch of masks in parallel in Rust
 with the GIL released (LLExecutor), and reports unsupported JSON-schema keywords as errors instead
@@ -72,7 +72,7 @@ from ..chat import ARG_BEGIN, CALL_BEGIN, CALL_END, SECTION_BEGIN, SECTION_END, 
 JSON_WHITESPACE = r"\x20?"
 
 # With first_call_index, call k of the turn must carry index first_call_index + k; the grammar
-# spells each index out, so it names this many calls at most (a turn of more is cut off there).
+# spells each index out, so it names this many calls at most (after as many the section must close).
 MAX_INDEXED_CALLS = 32
 
 TEXT = "/(?s:.)+/"                  # any text (never a special token: their bytes are not UTF-8)
@@ -122,8 +122,10 @@ class Matcher:
         if self._finished:
             raise ValueError(f"token {token_id} after the grammar finished (an end token was accepted)")
         if token_id in compiler.eos_token_ids:
-            # llguidance's validate_tokens does not cover end tokens: they are allowed when accepting.
-            allowed = self._m.is_accepting()
+            # llguidance's validate_tokens refuses end tokens, both at the end of the grammar and where
+            # a grammar names one (<|im_end|> in Lark): ask the mask (computed and cached this step).
+            mask = self._m.compute_bitmask()
+            allowed = bool(mask[token_id // 8] >> (token_id % 8) & 1)
         else:
             allowed = token_id < compiler.tokenizer_vocab_size and self._m.validate_tokens([token_id]) == 1
         if not allowed:
@@ -131,10 +133,11 @@ class Matcher:
                              f"{self.grammar.kind} grammar; it was not masked, or the matcher missed a token")
         if not self._m.consume_token(token_id):
             raise RuntimeError(f"llguidance refused token {token_id} it had validated: {self._m.get_error()}")
+        # The engine ends a sequence at any of these ids, wherever the grammar put them.
         self._finished = token_id in compiler.eos_token_ids
 
     def is_finished(self) -> bool:
-        """True once an end token was accepted: the completion matches the grammar as a whole."""
+        """True once an end token (eos_token_ids) was accepted: the completion matches the grammar."""
         return self._finished
 
     def is_complete(self) -> bool:
@@ -256,7 +259,7 @@ class GrammarCompiler:
         elif choice == "none":
             callable_ = []
         elif choice == "required":
-            callable_ = [t for t in declared]
+            callable_ = list(declared)
         else:                           # a named function
             callable_ = [t for t in declared if t.name == choice[1]]
         forced = choice not in ("auto", "none")
