@@ -150,7 +150,8 @@ def test_auto_constrains_only_strict_arguments(compiler, tokenizer):
         feed(m, tokenizer, "<|tool_calls_section_begin|><|tool_call_begin|>functions.add:0"
              "<|tool_call_argument_begin|>not json")
     m.reset()
-    feed(m, tokenizer, "ok<|tool_calls_section_begin|>" + call_text("add", 0, {"a": 1, "b": 2}) + "<|tool_calls_section_end|>")
+    feed(m, tokenizer, "ok<|tool_calls_section_begin|>" + call_text("add", 0, {"a": 1, "b": 2})
+         + "<|tool_calls_section_end|>")
     m.accept(tokenizer.eos_token_id)
     assert m.is_finished()
 
@@ -389,8 +390,8 @@ def test_json_schema_generation_validates(engine):
         for out in outs:
             assert out.finish_reason == "stop" and out.token_ids[-1] in compiler.eos_token_ids, out
             jsonschema.validate(json.loads(out.text), SCHEMAS[name])
-    g = compiler.compile(response_format={"type": "json_schema", "json_schema": {"name": "w", "schema": SCHEMAS["add"]}},
-                         thinking=False)
+    response_format = {"type": "json_schema", "json_schema": {"name": "w", "schema": SCHEMAS["add"]}}
+    g = compiler.compile(response_format=response_format, thinking=False)
     for message in engine.chat(MESSAGES, thinking=False, n=4, seed=7, max_new_tokens=40, temperature=1.0,
                                logits_processors=[g.logits_processor()]):
         jsonschema.validate(json.loads(message["content"]), SCHEMAS["add"])
