@@ -127,6 +127,7 @@ class Engine:
         self._cond = threading.Condition()
         self._stepping = False
         self._mirror_depth = 0
+        self._grammars = None     # the GrammarCompiler, built on first use
 
     @property
     def device(self) -> torch.device:
@@ -361,10 +362,16 @@ class Engine:
                        processors, logprobs, grammar)
 
     def _grammar(self, **constraints):
+        """The compiled Grammar for generate's or chat's constraints (None when nothing constrains)."""
         if all(v is None for v in constraints.values()):
             return None
-        from .grammar import compiler_for
-        return compiler_for(self).compile(**constraints)
+        if self.tokenizer is None:
+            raise ValueError(f"{next(k for k, v in constraints.items() if v is not None)}: constrained decoding "
+                             "needs a tokenizer; this checkpoint has none")
+        if self._grammars is None:   # built on first use: it reads the whole vocabulary
+            from .grammar import GrammarCompiler
+            self._grammars = GrammarCompiler(self.tokenizer, self.config.vocab_size, eos_token_ids=self.stop_ids())
+        return self._grammars.compile(**constraints)
 
     def check_tokens(self, token_ids) -> list[int]:
         """token_ids as a list of ints; ValueError if empty, out of vocabulary or too long."""
@@ -449,10 +456,9 @@ class Engine:
         strict = any(isinstance(t, dict) and (t.get("function") or {}).get("strict") for t in tools or [])
         if tool_choice in ("auto", None) and not strict and response_format in (None, {"type": "text"}):
             return None
-        from .grammar import compiler_for
         earlier_calls = sum(len(m.get("tool_calls") or []) for m in messages if isinstance(m, dict))
-        return compiler_for(self).compile(tools=tools, tool_choice=tool_choice, response_format=response_format,
-                                          thinking=thinking, first_call_index=earlier_calls)
+        return self._grammar(tools=tools, tool_choice=tool_choice, response_format=response_format,
+                             thinking=thinking, first_call_index=earlier_calls)
 
     @staticmethod
     def _stream_chat(deltas: Iterator[Delta], thinking: bool) -> Iterator[dict]:
