@@ -30,12 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import kimi_engine as ke  # noqa: E402
-from kimi_engine.runtime.cuda_graphs import DecodeGraphs  # noqa: E402
 from kimi_engine.plan import BANDWIDTH, GB, plan  # noqa: E402
 from kimi_engine.synthetic import kimi_k2_config, tiny_config  # noqa: E402
 
 from common import copy_bandwidth_gbs, device_name, markdown_table, sync, time_ms  # noqa: E402
-from e2e_parts import (decode_cache, first_layers, head_floor_bytes, hf_bytes, hf_decode_ms, hf_peer,  # noqa: E402
+from e2e_parts import (decode_cache, first_layers, graph_decoder, head_floor_bytes, hf_bytes, hf_decode_ms, hf_peer,  # noqa: E402
                        layer_floor_bytes, profile_step, random_checkpoint, rewound, save_plot, timed_ms)
 
 FULL = dict(contexts=[1024, 32768], batches=[1, 8, 32, 128], prompts=[1024, 8192, 32768])
@@ -98,12 +97,11 @@ def main(argv=None):
         prefill_rows.append([f"{P:,}", f"{ms:,.1f}", f"{P / ms * 1e3:,.0f}"])
 
     # ---- decode
-    kv_token = engine.new_cache().bytes_per_token() / config.num_hidden_layers   # one layer, one token
+    kv_token = engine.new_cache().pools.bytes_per_token() / config.num_hidden_layers   # one layer, one token
     blocks = list(model.model.layers)
     dense = [b for b in blocks if not config.is_moe_layer(b.layer)] or blocks[-1:]
     moe = [b for b in blocks if config.is_moe_layer(b.layer)] or blocks[-1:]
-    runner = DecodeGraphs(engine)
-    rows, profiles = [], []
+    rows, profiles, capture_seconds = [], [], {}
     for ctx in contexts:
         if device.type == "cuda":
             torch.cuda.empty_cache()                      # mem_get_info does not count the allocator's cache
@@ -114,12 +112,13 @@ def main(argv=None):
         if not fits:
             continue
         cache, seqs = decode_cache(engine, max(fits), ctx)
+        runner = graph_decoder(engine, cache)
         for B in fits:
             tokens = torch.randint(2, vocab, (B,), generator=gen).tolist()
             eager = time_ms(rewound(engine.decode_step, cache, seqs[:B], ctx, tokens), device)
-            graphs = time_ms(rewound(runner.decode, cache, seqs[:B], ctx, tokens), device)
+            graphs = time_ms(rewound(runner.step, cache, seqs[:B], ctx, tokens), device)
             if B == batches[0] and ctx == contexts[0] and not args.no_profile:
-                for name, step in [("eager", engine.decode_step), ("CUDA graphs", runner.decode)]:
+                for name, step in [("eager", engine.decode_step), ("CUDA graphs", runner.step)]:
                     profiles.append(f"{name}, batch {B}, context {ctx:,}: "
                                     + profile_step(rewound(step, cache, seqs[:B], ctx, tokens), device))
             replay = math.nan
@@ -139,10 +138,10 @@ def main(argv=None):
                              per_layer=per_layer, layer_floor=layer_bytes / L / bw * 1e3, ratio=ratio,
                              floor=(layer_bytes + head_floor_bytes(model, B)) / bw * 1e3,
                              here=ratio * proj_bytes / bw * 1e3 + head))
-        del cache, seqs
+        capture_seconds.update(runner.capture_seconds)
+        del cache, seqs, runner
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    capture_seconds = dict(runner.capture_seconds)
 
     # ---- the peer: HF transformers on the same first layers, batch 1
     peer = None
@@ -154,8 +153,8 @@ def main(argv=None):
             with first_layers(model, hf_layers):
                 cache, seqs = decode_cache(engine, 1, ctx)
                 ours_eager = time_ms(rewound(engine.decode_step, cache, seqs, ctx, [5]), device)
-                ours_graphs = time_ms(rewound(DecodeGraphs(engine).decode, cache, seqs, ctx, [5]), device)
-            del cache, seqs, runner
+                ours_graphs = time_ms(rewound(graph_decoder(engine, cache).step, cache, seqs, ctx, [5]), device)
+            del cache, seqs
             model.to("cpu")                                   # make room: HF holds every expert in bf16
             if device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -74,12 +74,23 @@ def decode_cache(engine, batch: int, context: int):
     """A cache whose `batch` sequences hold context - 1 random latents each: the next step decodes position
     context - 1. Random values stand in for a prefill (they do not change what a step reads)."""
     cache = engine.new_cache()
-    cache.reserve(batch * context + 2 * cache.block_size)      # never grows afterwards: no re-capture
+    cache.reserve(-(-batch * context // cache.block_size) + batch + 2)   # never grows afterwards: no re-capture
     seqs = [cache.add_sequence() for _ in range(batch)]
     cache.prepare(seqs, context - 1, device="cpu")
-    for pool in cache.kv:
+    for pool in cache.pools.kv:
         pool.normal_()
     return cache, seqs
+
+
+def graph_decoder(engine, cache):
+    """DecodeGraphs over `cache`'s pools (a scratch sequence taken from it), as a step(cache, seqs, tokens)."""
+    from kimi_engine.runtime.cuda_graphs import DecodeGraphs
+    scratch = cache.add_sequence()
+    b = cache.prepare([scratch], 1, device="cpu")
+    graphs = DecodeGraphs(engine.model, cache.pools, engine.max_batch_size, engine.max_seq_len,
+                          (int(b.block_table[0, 0]), int(b.slots[0, 0])))
+    graphs.step = lambda cache, seqs, tokens: graphs.decode(cache.prepare(seqs, 1, device="cpu"), tokens)
+    return graphs
 
 
 def rewound(step, cache, seqs, context, tokens):

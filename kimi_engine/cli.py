@@ -140,15 +140,16 @@ def bench(args) -> int:
         sec = timed(lambda: prefill(prompt), args.reps)
         print(f"| {n:,} | {sec * 1e3:,.1f} | {n / sec:,.0f} |")
     print(f"\n| batch | context | ms per decode step | tokens/s |\n|---:|---:|---:|---:|")
+    blocks = engine.blocks             # the engine's own cache, so that decode runs through its CUDA graphs
     for batch in args.batches:
-        cache = engine.new_cache()
-        seqs = [cache.add_sequence() for _ in range(batch)]
+        seqs = [blocks.add_sequence() for _ in range(batch)]
         for seq in seqs:
-            engine.prefill(cache, seq, ids(args.context))
+            engine.prefill(blocks, seq, ids(args.context))
         tokens = ids(batch)
-        sec = timed(lambda: engine.decode_step(cache, seqs, tokens), args.steps)
+        sec = timed(lambda: engine.runner.decode(tokens, blocks.prepare(seqs, 1, device="cpu")), args.steps)
         print(f"| {batch} | {args.context:,} | {sec * 1e3:,.2f} | {batch / sec:,.1f} |")
-        del cache
+        for seq in seqs:
+            blocks.free(seq)
     return 0
 
 

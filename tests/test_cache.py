@@ -5,6 +5,7 @@ import torch
 
 import kimi_engine as ke
 from kimi_engine.cache import LatentCache
+from kimi_engine.runtime.blocks import BlockManager, CacheFull
 from kimi_engine.synthetic import kimi_k2_config, tiny_config, write_random_checkpoint
 
 PROMPT = torch.randint(2, 256, (50,), generator=torch.Generator().manual_seed(1)).tolist()
@@ -43,9 +44,9 @@ def test_fork_decodes_like_unforked_and_shares_blocks(engine):
     cache = engine.new_cache(block_size=16)
     parent = cache.add_sequence()
     engine.prefill(cache, parent, PROMPT[:40])         # 2.5 blocks: the third is shared half-full
-    blocks_before = cache.num_blocks - len(cache.free_blocks)
+    blocks_before = cache.num_used_blocks
     children = [cache.fork(parent) for _ in range(3)]
-    assert cache.num_blocks - len(cache.free_blocks) == blocks_before     # nothing copied yet
+    assert cache.num_used_blocks == blocks_before     # nothing copied yet
     nexts = [[5, 6, 7], [8, 9, 10], [11, 12, 13]]
     forked = [engine.decode_step(cache, children, [n[i] for n in nexts]) for i in range(3)]
     for j, n in enumerate(nexts):
@@ -54,7 +55,7 @@ def test_fork_decodes_like_unforked_and_shares_blocks(engine):
     # Copy-on-write took one block per child; the parent's tokens are untouched.
     close(engine.prefill(cache, parent, PROMPT[40:], all_logits=True), engine.logits(PROMPT)[40:])
     cache.free(children[0])
-    assert len(cache.blocks[children[1]]) == 3
+    assert len(cache.tables[children[1]]) == 3
 
 
 def test_batched_decode_with_unequal_lengths(engine):
@@ -75,27 +76,27 @@ def test_fp8_cache_halves_memory(engine):
     exact, f8 = engine.new_cache(), engine.new_cache(fp8=True)
     for cache in (exact, f8):
         engine.prefill(cache, cache.add_sequence(), PROMPT)
-    assert f8.nbytes * 3 < exact.nbytes                             # vs this float32 engine's cache
+    assert f8.pools.nbytes * 3 < exact.pools.nbytes                            # vs this float32 engine's cache
     a, b = (engine.decode_step(cache, [0], [3]) for cache in (exact, f8))
     # e4m3 keeps 3 mantissa bits (<= 6.25% per value): the logits move, but stay close.
     assert ((b - a).norm() / a.norm()) < 0.3
 
 
 def test_cache_bookkeeping():
-    cache = LatentCache(tiny_config(), block_size=16, max_tokens=64)
-    assert cache.nbytes == 0                                   # nothing up front
+    cache = BlockManager(LatentCache(tiny_config(), block_size=16), max_blocks=4, prefix_cache=False)
+    assert cache.pools.nbytes == 0                             # nothing up front
     a = cache.add_sequence()
     batch = cache.prepare([a], 20)
     assert batch.seq_lens.tolist() == [20] and batch.block_table.shape == (1, 2)
     assert batch.slots[0, 17].item() == batch.block_table[0, 1].item() * 16 + 1
     b = cache.fork(a)
     cache.prepare([b], 1)                                       # copy-on-write of the half-full block
-    assert cache.blocks[a][0] == cache.blocks[b][0] and cache.blocks[a][1] != cache.blocks[b][1]
+    assert cache.tables[a][0] == cache.tables[b][0] and cache.tables[a][1] != cache.tables[b][1]
     cache.free(a)
     cache.free(b)
-    assert cache.refcount == [0] * cache.num_blocks
+    assert cache.refcount == [0] * cache.pools.num_blocks
     c = cache.add_sequence()
-    with pytest.raises(RuntimeError, match="max_tokens"):
+    with pytest.raises(CacheFull, match="full"):
         cache.prepare([c], 65)
     with pytest.raises(ValueError, match="twice"):
         cache.prepare([c, c], 1)
@@ -112,10 +113,11 @@ def test_32k_context_grows_with_use_and_stays_finite(tmp_path):
     seq = cache.add_sequence()
     tokens = torch.randint(2, 256, (33_000,), generator=torch.Generator().manual_seed(0))
     engine.prefill(cache, seq, tokens[:1000])
-    small = cache.nbytes
-    assert small <= 1.25 * 1024 * cache.bytes_per_token() + 16 * 64 * cache.bytes_per_token()
+    pools = cache.pools
+    small = pools.nbytes
+    assert small <= 1.25 * 1024 * pools.bytes_per_token() + 16 * 64 * pools.bytes_per_token()
     logits = engine.prefill(cache, seq, tokens[1000:])
-    assert cache.nbytes >= 33_000 * cache.bytes_per_token() > 20 * small
+    assert pools.nbytes >= 33_000 * pools.bytes_per_token() > 20 * small
     for token in (5, 6):
         assert torch.isfinite(logits).all()
         logits = engine.decode_step(cache, [seq], [token])[0]

@@ -1,4 +1,5 @@
-"""The agent loop on a real tiny model: template -> generate -> parse -> tools -> append, one cache."""
+"""The agent loop on a real tiny model: template -> generate -> parse -> tools -> append, the prefix cache
+serving each round what earlier rounds ran through the model."""
 
 import json
 
@@ -76,11 +77,15 @@ def test_round_trip_prefills_only_what_is_appended(engine):
     assert atlantis["content"] == "Error: LookupError: no such city"       # the exception became a result
     assert answer["content"] == "It is sunny in Paris, 21 C." and "tool_calls" not in answer
 
-    # Round 2 prefilled exactly the tokens appended after what round 1 had run through the model.
+    # Round 2 is served every full block round 1 ran through the model, prompt and generated tokens alike;
+    # it prefills what was appended plus round 1's partly filled last block.
     first, second = run.steps
-    assert first.prefilled_tokens == first.prompt_tokens and not second.reprefilled
+    block = engine.blocks.block_size
+    assert first.cached_tokens == 0 and first.prefilled_tokens == first.prompt_tokens
     fed_in_round_1 = first.prompt_tokens + first.generated_tokens - 1      # the final <|im_end|> was never fed
-    assert second.prefilled_tokens == second.prompt_tokens - fed_in_round_1 > 0
+    assert fed_in_round_1 >= 2 * block                                     # the test reaches past one block
+    assert second.cached_tokens == fed_in_round_1 // block * block
+    assert second.prefilled_tokens == second.prompt_tokens - second.cached_tokens
 
 
 def test_max_tool_calls_stops_the_loop(engine):
@@ -91,17 +96,20 @@ def test_max_tool_calls_stops_the_loop(engine):
                            logits_processors=[scripted(engine, [looping] * 5)], temperature=0)
     assert run.finish_reason == "max_tool_calls" and len(run.steps) == 3
     assert sum(m["role"] == "tool" for m in run.messages) == 2
-    assert not any(s.reprefilled for s in run.steps)
+    assert all(s.cached_tokens > 0 for s in run.steps[1:])
 
 
-def test_a_template_that_renders_differently_forces_a_counted_reprefill(engine):
-    # Without a <think></think> block the model's turn differs from the template's rendering of it.
+def test_a_template_that_renders_differently_is_served_only_the_common_prefix(engine):
+    # Without a <think></think> block the model's turn differs from the template's rendering of it: the
+    # blocks up to the turn still match, the ones the model wrote do not.
     rounds = ["<|tool_calls_section_begin|>" + call("get_weather", {"city": "Oslo"}, 0) + "<|tool_calls_section_end|>",
               "<think></think>Sunny."]
     run = engine.run_agent([{"role": "user", "content": "Oslo?"}], [get_weather],
                            logits_processors=[scripted(engine, rounds)], temperature=0)
     assert run.answer["content"] == "Sunny."
-    assert run.steps[1].reprefilled and run.steps[1].prefilled_tokens == run.steps[1].prompt_tokens
+    first, second = run.steps
+    block = engine.blocks.block_size
+    assert second.cached_tokens <= first.prompt_tokens // block * block   # nothing the model wrote was reused
 
 
 def test_bad_tools_raise(engine):

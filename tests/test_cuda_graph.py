@@ -1,4 +1,4 @@
-"""The CUDA-graph decode runner (cuda_graph.py). On a CPU it runs its static-buffer step eagerly, so these
+"""CUDA-graph decode (runtime/cuda_graphs.py). On a CPU it runs its static-buffer step eagerly, so these
 tests check everything but the capture itself: buckets, padding rows, buffer copies, unequal lengths,
 sequences joining and leaving, pool changes, against Engine.decode_step. The capture and replay are
 checked on a GPU (marked cuda).
@@ -38,12 +38,22 @@ def close(a, b):
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def run_schedule(engine, decode, steps=SCHEDULE, check=close, reference=None):
-    """Decode the same steps through `decode` (a runner's) and `reference` (decode_step), on twin caches."""
+def graphs_on(engine, cache):
+    """DecodeGraphs over `cache`'s pools (its scratch sequence taken from it) and a decode(seqs, tokens) through it."""
+    scratch = cache.add_sequence()
+    b = cache.prepare([scratch], 1, device="cpu")
+    graphs = DecodeGraphs(engine.model, cache.pools, engine.max_batch_size, engine.max_seq_len,
+                          (int(b.block_table[0, 0]), int(b.slots[0, 0])))
+    return graphs, lambda seqs, tokens: graphs.decode(cache.prepare(seqs, 1, device="cpu"), tokens)
+
+
+def run_schedule(engine, make_decode, steps=SCHEDULE, check=close, reference=None):
+    """Decode the same steps through make_decode(cache) and `reference` (decode_step), on twin caches."""
     reference = reference or engine.decode_step
     caches = [engine.new_cache(block_size=16) for _ in range(2)]
     for cache in caches:
-        cache.reserve(400)                   # room for all but "grow": the pools move only there
+        cache.reserve(25)                    # room for all but "grow": the pools move only there
+    decode = make_decode(caches[0])
     seqs = [[], []]
     gen = torch.Generator().manual_seed(0)
 
@@ -63,7 +73,7 @@ def run_schedule(engine, decode, steps=SCHEDULE, check=close, reference=None):
                 cache.free(ids[0])
         else:
             tokens = torch.randint(2, engine.config.vocab_size, (len(step),), generator=gen).tolist()
-            ours = decode(caches[0], [seqs[0][i] for i in step], tokens)
+            ours = decode([seqs[0][i] for i in step], tokens)
             check(ours, reference(caches[1], [seqs[1][i] for i in step], tokens))
     return caches[0]
 
@@ -76,73 +86,57 @@ def test_bucket_sizes():
 
 
 def test_runner_matches_decode_step(engine, monkeypatch):
-    runner = DecodeGraphs(engine)
-    buckets = []
-    step = runner._step
-    monkeypatch.setattr(runner, "_step", lambda bucket: buckets.append(bucket) or step(bucket))
-    cache = run_schedule(engine, runner.decode)
+    made, buckets = [], []
+
+    def make(cache):
+        graphs, decode = graphs_on(engine, cache)
+        step = graphs._step
+        monkeypatch.setattr(graphs, "_step", lambda bucket: buckets.append(bucket) or step(bucket))
+        made.append(graphs)
+        return decode
+    cache = run_schedule(engine, make)
+    graphs = made[0]
     assert buckets == [1, 4, 4, 8, 2, 4, 8, 4]
-    assert list(runner.graphs) == [4] and runner.captures == 0    # cleared when the pools grew; no capture off CUDA
-    assert len(cache.blocks) == len(PROMPTS) + 2 + 1 - 1          # joined and grown, one left, and the scratch
+    assert list(graphs.graphs) == [4] and graphs.captures == 0    # cleared when the pools grew; no capture off CUDA
+    assert len(cache.tables) == len(PROMPTS) + 2 + 1 - 1          # joined and grown, one left, and the scratch
 
 
-def test_pool_growth_and_new_cache_are_noticed(engine):
-    runner = DecodeGraphs(engine)
+def test_pool_growth_is_noticed(engine):
     a, b = engine.new_cache(block_size=16), engine.new_cache(block_size=16)
+    graphs, decode = graphs_on(engine, a)
     sa, sb = a.add_sequence(), b.add_sequence()
     for cache, seq in [(a, sa), (b, sb)]:
         engine.prefill(cache, seq, PROMPTS[1])
-    close(runner.decode(a, [sa], [5]), engine.decode_step(b, [sb], [5]))
-    before = pool_addresses(a)
+    close(decode([sa], [5]), engine.decode_step(b, [sb], [5]))
+    before = pool_addresses(a.pools)
     engine.prefill(a, a.add_sequence(), list(range(2, 200)))      # grows every pool: new addresses
     engine.prefill(b, b.add_sequence(), list(range(2, 200)))
-    assert pool_addresses(a) != before
-    close(runner.decode(a, [sa], [6]), engine.decode_step(b, [sb], [6]))
-    assert runner._pools == pool_addresses(a)
-    c = engine.new_cache(block_size=32)                            # another block size: new static buffers
-    sc = c.add_sequence()
-    engine.prefill(c, sc, PROMPTS[1] + [5, 6])
-    close(runner.decode(c, [sc], [7]), engine.decode_step(b, [sb], [7]))
-
-
-def test_generation_cache_reserves_and_reuses_pools(engine):
-    runner = DecodeGraphs(engine)
-    first = runner.generation_cache([30, 5], n=2, max_new_tokens=40)
-    free = len(first.free_blocks)
-    assert free * first.block_size >= 2 * (30 + 2 * 40)           # room for both requests' paths
-    addresses = pool_addresses(first)
-    del first
-    again = runner.generation_cache([30, 5], n=2, max_new_tokens=40)
-    assert pool_addresses(again) == addresses                      # the pools (and graphs) are reused
-    assert len(again.free_blocks) == free and len(again.blocks) == 1        # fresh bookkeeping: only scratch
-    busy = runner.generation_cache([30], n=1, max_new_tokens=40)
-    assert pool_addresses(busy) != addresses                       # `again` is still alive
+    assert pool_addresses(a.pools) != before
+    close(decode([sa], [6]), engine.decode_step(b, [sb], [6]))
+    assert graphs._pools == pool_addresses(a.pools)
 
 
 def test_generate_with_graphs_equals_without(engine, path):
     graphs = ke.load(path, dtype=torch.float32, progress=False, device="cpu", max_batch_size=8, max_seq_len=512,
                      cuda_graphs=True)
-    assert isinstance(graphs.graphs, DecodeGraphs)
+    assert isinstance(graphs.graphs, DecodeGraphs) and graphs.runner.graphs is graphs.graphs
     prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[2]]
-    pools = []
     for kwargs in [dict(temperature=0.0), dict(temperature=0.0), dict(temperature=0.8, top_p=0.9, seed=5, n=3)]:
         want = engine.generate(prompts, max_new_tokens=12, stop_token_ids=[], **kwargs)
         assert graphs.generate(prompts, max_new_tokens=12, stop_token_ids=[], **kwargs) == want
-        pools.append(graphs.graphs._pools)
-    assert pools[0] == pools[1] == pools[2]          # each call reuses the last one's pools (and graphs)
     assert graphs.stats.decode_tokens == 11 * (3 + 3 + 9)        # steps after each path's first token
 
 
 def test_runner_errors(engine):
-    runner = DecodeGraphs(engine)
     cache = engine.new_cache()
+    graphs, decode = graphs_on(engine, cache)
     seqs = [cache.add_sequence() for _ in range(9)]
     for s in seqs:
         engine.prefill(cache, s, [1, 2, 3])
     with pytest.raises(ValueError, match="buckets hold 1 to 8"):
-        runner.decode(cache, seqs, [4] * 9)
+        decode(seqs, [4] * 9)
     with pytest.raises(ValueError, match="2 tokens for 3 sequences"):
-        runner.decode(cache, seqs[:3], [4, 5])
+        decode(seqs[:3], [4, 5])
 
 
 SYNCING_OPS = ("_local_scalar_dense", "nonzero", "unique", "repeat_interleave", "masked_select", "item", "equal")
@@ -162,13 +156,7 @@ class RecordOps(TorchDispatchMode):
 def test_triton_path_matches_and_reads_nothing_back(engine, monkeypatch):
     """The Triton kernels (interpreter) through the runner: same logits as decode_step, and the static
     step calls no op that would read a CUDA tensor back to the host (which a capture forbids)."""
-    runner = DecodeGraphs(engine)
     recorder = RecordOps()
-    step = runner._step
-
-    def recorded(bucket):
-        with recorder:
-            return step(bucket)
 
     def triton(fn):                          # decode steps only: the prefills stay on the fast reference
         def call(*args):
@@ -176,8 +164,16 @@ def test_triton_path_matches_and_reads_nothing_back(engine, monkeypatch):
                 m.setenv(ops.KERNELS_ENV, "triton")
                 return fn(*args)
         return call
-    monkeypatch.setattr(runner, "_step", recorded)
-    run_schedule(engine, triton(runner.decode), steps=[[0, 1, 2], [4]], reference=triton(engine.decode_step),
+    def make(cache):
+        graphs, decode = graphs_on(engine, cache)
+        step = graphs._step
+
+        def recorded(bucket):
+            with recorder:
+                return step(bucket)
+        monkeypatch.setattr(graphs, "_step", recorded)
+        return triton(decode)
+    run_schedule(engine, make, steps=[[0, 1, 2], [4]], reference=triton(engine.decode_step),
                  check=lambda a, b: torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4))
     assert recorder.ops and not [op for op in recorder.ops if any(s in op for s in SYNCING_OPS)]
 
@@ -191,18 +187,32 @@ def load_cuda(path, **kwargs):
 def test_graph_replay_matches_eager_on_gpu(path, monkeypatch):
     monkeypatch.setenv(ops.KERNELS_ENV, "auto")
     engine = load_cuda(path)
-    graphs, eager = DecodeGraphs(engine), DecodeGraphs(engine)
-    eager.use_graphs = False                 # the same static-buffer step, launched op by op
+    made = []
+
+    def make(use_graphs):
+        def build(cache):
+            graphs, decode = graphs_on(engine, cache)
+            graphs.use_graphs = use_graphs   # False: the same static-buffer step, launched op by op
+            made.append(graphs)
+            return decode
+        return build
+    eager_decodes = []
+
+    def eager_reference(cache, seqs, tokens):
+        if not eager_decodes:
+            eager_decodes.append(make(False)(cache))
+        return eager_decodes[0](seqs, tokens)
 
     def same_kernels(a, b):                  # the replay runs the very kernels the eager step launches
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3 * b.abs().max().item())
-    run_schedule(engine, graphs.decode, check=same_kernels, reference=eager.decode)
+    run_schedule(engine, make(True), check=same_kernels, reference=eager_reference)
+    graphs = made[0]
     assert graphs.captures == 5                # buckets 1, 2, 4, 8, then 4 again after the pools grew
     assert list(graphs.graphs) == [4] and graphs.graphs[4] is not None
 
     def bf16_close(a, b):                    # decode_step: other split counts and MoE tiles, bf16 rounding
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2 * b.abs().max().item())
-    run_schedule(engine, DecodeGraphs(engine).decode, check=bf16_close)
+    run_schedule(engine, make(True), check=bf16_close)
 
     with_graphs, reference = load_cuda(path, cuda_graphs=True), load_cuda(path, cuda_graphs=True)
     reference.graphs.use_graphs = False
@@ -210,7 +220,7 @@ def test_graph_replay_matches_eager_on_gpu(path, monkeypatch):
 
     def no_stop(ids, logits):                # every path runs all 8 steps, whatever CUDA's random stream draws
         return logits.index_fill(-1, torch.tensor(stops, device=logits.device), float("-inf"))
-    for _ in range(2):                       # the second call reuses the first one's pools and graphs
+    for _ in range(2):                       # the second call reuses the engine's pools and graphs
         args = dict(max_new_tokens=8, temperature=0.7, seed=1, stop_token_ids=[], logits_processors=[no_stop])
         assert with_graphs.generate(PROMPTS[:3], **args) == reference.generate(PROMPTS[:3], **args)
     assert with_graphs.graphs.captures == 1  # three paths decode together: bucket 4 only

@@ -7,7 +7,6 @@ bytes it reads through safetensors, so the test can check it read only its own s
 import datetime
 import json
 import re
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,11 +16,12 @@ from safetensors.torch import load_file, save_file
 
 import kimi_engine as ke
 from kimi_engine import checkpoint
-from kimi_engine.runtime.agent import run_tool
 from kimi_engine.checkpoint import INDEX_FILE, check_checkpoint, read_headers
 from kimi_engine.config import QuantConfig
 from kimi_engine.parallel import Parallel
 from kimi_engine.synthetic import tiny_config, write_random_checkpoint
+
+from .model_helpers import write_chat_checkpoint
 
 WORLD = 2
 PROMPT = torch.randint(2, 256, (24,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -44,7 +44,7 @@ def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-def _worker(rank: int, store: str, cases: dict, out: str) -> None:
+def _worker(rank: int, store: str, cases: dict, chat_path: str, out: str) -> None:
     torch.set_num_threads(1)   # two ranks share the CI machine's two cores
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=60))
@@ -102,16 +102,31 @@ def _worker(rank: int, store: str, cases: dict, out: str) -> None:
             reads=list(reads),
             param_bytes={n: p.numel() * p.element_size() for n, p in engine.model.named_parameters()},
         )
-    # Agent tools run once, on rank 0, and every rank reads the result.
-    ran: list[str] = []
-    engine = SimpleNamespace(model=SimpleNamespace(parallel=Parallel(rank, WORLD)))
-    call = {"id": "0", "function": {"name": "echo", "arguments": '{"text": "hi"}'}}
-    echo = lambda text: ran.append(text) or f"{text} from {rank}"   # noqa: E731
-    results["tool"] = dict(result=run_tool(engine, {"echo": echo}, call), ran=ran)
+    # Only rank 0 schedules: the agent loop and its tools run there, and every rank returns its result.
+    engine = ke.load(chat_path, device="cpu", dtype=torch.float32, max_seq_len=512, progress=False,
+                     parallel=Parallel(rank, WORLD))
+    tok, ran = engine.tokenizer, []
+
+    def echo(text: str) -> str:
+        """Say it back."""
+        ran.append(text)
+        return f"{text} from {rank}"
+    turns = iter([tok.encode("<|tool_calls_section_begin|><|tool_call_begin|>functions.echo:0"
+                             '<|tool_call_argument_begin|>{"text": "hi"}<|tool_call_end|><|tool_calls_section_end|>'),
+                  tok.encode("<think></think>done")])
+    script = {}
+
+    def force(ids, row):
+        if not ids:
+            script["ids"] = next(turns) + [tok.eos_token_id]
+        return torch.full_like(row, float("-inf")).index_fill(0, torch.tensor([script["ids"][len(ids)]]), 0.0)
+    run = engine.run_agent([{"role": "user", "content": "echo hi"}], [echo], logits_processors=[force],
+                           temperature=0, max_new_tokens=64)
+    results["tool"] = dict(ran=ran, messages=run.messages)
     try:                                          # a call that breaks on rank 0 raises on every rank, no hang
-        run_tool(engine, {"echo": echo}, {"id": "1"})
-    except RuntimeError as e:
-        results["tool"]["error"] = str(e)
+        engine.run_agent([{"role": "user", "content": "x"}], [echo], on_step=lambda step: 1 / 0, max_new_tokens=2)
+    except (ZeroDivisionError, RuntimeError) as e:
+        results["tool"]["error"] = f"{type(e).__name__}: {e}"
     torch.save(results, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -127,7 +142,9 @@ def runs(tmp_path_factory):
         engine = ke.load(path, device="cpu", dtype=torch.float32, max_seq_len=256, progress=False)
         single[name] = dict(logits=engine.logits(PROMPT), greedy=engine.greedy(PROMPT[:6], NEW_TOKENS),
                             param_bytes={n: p.numel() * p.element_size() for n, p in engine.model.named_parameters()})
-    mp.spawn(_worker, args=(str(tmp / "store"), {k: str(v) for k, v in paths.items()}, str(tmp)), nprocs=WORLD)
+    chat = write_chat_checkpoint(tmp / "chat")
+    mp.spawn(_worker, args=(str(tmp / "store"), {k: str(v) for k, v in paths.items()}, str(chat), str(tmp)),
+             nprocs=WORLD)
     ranks = [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     return single, ranks, paths
 
@@ -150,8 +167,10 @@ def test_logits_and_greedy_match_single_process(runs, case):
 def test_agent_tools_run_on_rank_zero_only(runs):
     _, ranks, _ = runs
     assert [r["tool"]["ran"] for r in ranks] == [["hi"], []]
-    assert [r["tool"]["result"] for r in ranks] == ["hi from 0", "hi from 0"]
-    assert all("failed on rank 0: KeyError" in r["tool"]["error"] for r in ranks)
+    assert ranks[0]["tool"]["messages"] == ranks[1]["tool"]["messages"]
+    assert ranks[0]["tool"]["messages"][2]["content"] == "hi from 0" and ranks[0]["tool"]["messages"][-1]["content"] == "done"
+    assert ranks[0]["tool"]["error"].startswith("ZeroDivisionError")
+    assert ranks[1]["tool"]["error"].startswith("RuntimeError: run_agent failed on rank 0: ZeroDivisionError")
 
 
 @pytest.mark.parametrize("case", list(CONFIGS))

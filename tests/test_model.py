@@ -60,7 +60,7 @@ def engine(tmp_path_factory):
 
 
 def _forward(engine, cache, seqs, tokens, absorb=None):
-    return engine.model(torch.tensor(tokens), cache.prepare(seqs, len(tokens[0])), cache, absorb=absorb)
+    return engine.model(torch.tensor(tokens), cache.prepare(seqs, len(tokens[0])), cache.pools, absorb=absorb)
 
 
 def test_absorbed_equals_naive(engine):

@@ -1,9 +1,10 @@
-"""The agent loop: generate, call tools, feed their results back, repeat — over one KV cache.
+"""The agent loop: chat, call the tools, append their results, repeat.
 
-Each round renders the whole conversation through the chat template, checks that the tokens the
-cache already holds are a prefix of it, and prefills only what was appended (the tool results and
-the next generation prompt). When the template renders the earlier turns differently from what
-the model generated (it may re-tokenize them), the conversation is prefilled again and counted.
+Each round is a plain chat over the whole conversation, as an HTTP client would send it. There is
+no cache bookkeeping here: the engine's prefix cache holds the previous rounds' blocks (prompt and
+generated tokens alike), so a round prefills only what it appended, plus the partly filled last
+block. A template that renders earlier turns differently from what the model wrote simply gets
+fewer cached tokens; each step reports its own prefilled and cached counts.
 """
 
 from __future__ import annotations
@@ -14,9 +15,6 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..chat.parser import parse_assistant
-from .generation import Generation, Request
-from .sampling import SamplingParams
 
 _PY_TO_JSON = {str: "string", int: "integer", float: "number", bool: "boolean", list: "array", dict: "object"}
 
@@ -72,35 +70,21 @@ def call_tool(functions: dict[str, Callable], call: dict) -> str:
     return result if isinstance(result, str) else json.dumps(result, ensure_ascii=False, default=str)
 
 
-def run_tool(engine, functions: dict[str, Callable], call: dict) -> str:
-    """call_tool, once per call however many ranks run the engine: under tensor parallelism rank 0 runs
-    the tool and every rank reads its result (a tool may have side effects, and ranks fed different
-    results would prefill different tokens into the same collectives)."""
-    parallel = engine.model.parallel
-    if parallel is None:
-        return call_tool(functions, call)
-    outcome = None
-    if parallel.rank == 0:
-        try:
-            outcome = ("result", call_tool(functions, call))
-        except BaseException as e:   # every rank must reach the broadcast, then every rank raises
-            outcome = ("error", f"{type(e).__name__}: {e}")
-    kind, text = parallel.broadcast_object(outcome)
-    if kind == "error":
-        raise RuntimeError(f"tool call {call.get('function', {}).get('name')!r} failed on rank 0: {text}")
-    return text
-
-
 @dataclass
 class AgentStep:
     """One round: the assistant message it produced and the tool results fed back after it."""
     round: int
     prompt_tokens: int        # the rendered conversation, in tokens
-    prefilled_tokens: int     # of those, how many this round ran through the model
+    cached_tokens: int        # of those, how many the prefix cache served
     generated_tokens: int
-    reprefilled: bool         # the cache could not be reused (the template re-rendered earlier turns)
+    finish_reason: str        # the round's: "stop", "length" or "tool_calls"
     message: dict
     tool_results: list[dict] = field(default_factory=list)
+
+    @property
+    def prefilled_tokens(self) -> int:
+        """Prompt tokens this round ran through the model."""
+        return self.prompt_tokens - self.cached_tokens
 
 
 @dataclass
@@ -115,44 +99,31 @@ class AgentRun:
 
 
 def run_agent(engine, messages: list[dict], tools, max_tool_calls: int = 300, on_step=None,
-              max_new_tokens: int = 4096, seed: int | None = None, logits_processors=None, **sampling) -> AgentRun:
-    if engine.tokenizer is None:
-        raise ValueError("run_agent needs a tokenizer; this checkpoint has none")
+              seed: int | None = None, **chat_args) -> AgentRun:
+    """See Engine.run_agent. Round r samples with seed + r when seed is set."""
+    if not isinstance(max_tool_calls, int) or isinstance(max_tool_calls, bool) or max_tool_calls < 0:
+        raise ValueError(f"max_tool_calls={max_tool_calls!r}: must be an integer >= 0")
+    if "stream" in chat_args or "n" in chat_args:
+        raise ValueError("run_agent takes neither stream nor n")
     schemas, functions = _tools(tools)
-    params = SamplingParams(**sampling)
     messages = [dict(m) for m in messages]
-    cache = engine.new_cache()
-    seq, cached_ids, steps, calls = cache.add_sequence(), [], [], 0
+    steps, calls = [], 0
     while True:
-        prompt_ids = engine.tokenizer.apply_chat_template(messages, schemas or None, add_generation_prompt=True)
-        reprefilled = bool(cached_ids) and prompt_ids[:len(cached_ids)] != cached_ids
-        if reprefilled:
-            cache.free(seq)
-            seq, cached_ids = cache.add_sequence(), []
-        before = engine.stats.prefill_tokens
-        run = Generation(engine, [Request(prompt_ids, seq, len(cached_ids))], params, n=1,
-                         max_new_tokens=max_new_tokens, seed=None if seed is None else seed + len(steps),
-                         stop=[], stop_token_ids=engine.stop_ids(), logits_processors=logits_processors,
-                         cache=cache, free_finished=False)
-        for _ in run:
-            pass
-        completion = run.completions()[0][0]
-        cached_ids = (prompt_ids + completion.token_ids)[:cache.length(seq)]   # the last token was never fed
-        parsed = parse_assistant(completion.text)
-        message = {"role": "assistant", "content": parsed["content"], "reasoning_content": parsed["reasoning_content"]}
-        if parsed["tool_calls"]:
-            message["tool_calls"] = [{k: v for k, v in c.items() if k != "error"} for c in parsed["tool_calls"]]
+        reply = engine.chat(messages, schemas or None, seed=None if seed is None else seed + len(steps), **chat_args)
+        usage = reply["usage"]
+        message = {"role": "assistant", "content": reply["content"], "reasoning_content": reply["reasoning_content"]}
+        if reply["tool_calls"]:
+            message["tool_calls"] = [{k: v for k, v in c.items() if k != "error"} for c in reply["tool_calls"]]
         messages.append(message)
-        step = AgentStep(len(steps), len(prompt_ids), engine.stats.prefill_tokens - before,
-                         completion.completion_tokens, reprefilled, message)
+        step = AgentStep(len(steps), usage["prompt_tokens"], usage["cached_tokens"], usage["completion_tokens"],
+                         reply["finish_reason"], message)
         steps.append(step)
-        finish = ("length" if completion.finish_reason == "length" else "answer" if not parsed["tool_calls"]
-                  else None)
-        for call in parsed["tool_calls"]:
+        finish = ("length" if reply["finish_reason"] == "length" else "answer" if not reply["tool_calls"] else None)
+        for call in reply["tool_calls"]:
             if calls == max_tool_calls:
                 finish = "max_tool_calls"
                 break
-            result = {"role": "tool", "tool_call_id": call["id"], "content": run_tool(engine, functions, call)}
+            result = {"role": "tool", "tool_call_id": call["id"], "content": call_tool(functions, call)}
             messages.append(result)
             step.tool_results.append(result)
             calls += 1

@@ -8,21 +8,19 @@ once and replays them with one call. What that asks of the step:
   slots, block table, lengths) into buffers allocated once, uploaded from pinned memory. A
   batch of B runs in the smallest bucket >= B (1, 2, 4, ..., max_batch_size); the spare rows are a
   harmless dummy: token 0 at position 0, written to and attending to a scratch block of the cache
-  that no sequence uses (the runner holds one scratch sequence in each cache it decodes).
+  that no sequence uses (the engine holds one scratch sequence for it).
 - No host syncs, a fixed grid: the Triton kernels are sync-free, and mla_decode sizes its split-KV
   grid from the engine's max_seq_len, fixed, rather than from this step's lengths.
-- Fixed cache pools: a graph holds each layer's pool address. When they change (the cache grew, or
-  another cache came in) every graph is captured again. `generation_cache` gives generate() a cache
-  reserved up front, built on the previous generation's pools when that cache is gone, so repeated
-  generate() calls reuse the graphs instead of re-capturing them.
+- Fixed cache pools: a graph holds each layer's pool address. The engine's one long-lived cache is
+  allocated up front to its budget on CUDA, so graphs are captured once; should the pools change
+  anyway (they grew), every graph is captured again.
 Off CUDA the same static-buffer step runs eagerly, so CPU tests check the buffers, the padding and
-the buckets against Engine.decode_step.
+the buckets against Runner.decode without graphs.
 """
 
 from __future__ import annotations
 
 import time
-import weakref
 
 import torch
 
@@ -65,66 +63,30 @@ def check_capturable(model) -> None:
 class DecodeGraphs:
     """Decode steps through static buffers, one CUDA graph per batch-size bucket (eager off CUDA).
 
-    decode(cache, seq_ids, tokens) is Engine.decode_step's contract. Attributes: buckets; graphs
-    (bucket -> (CUDAGraph, logits) on CUDA, None elsewhere); captures (how many so far, re-captures
-    included); capture_seconds (bucket -> seconds its last capture took, warm-up included).
+    decode(batch, tokens) is Runner.decode's contract. scratch: (block, slot) of a sequence nobody
+    else uses, for the padding rows. Attributes: buckets; graphs (bucket -> (CUDAGraph, logits) on
+    CUDA, None elsewhere); captures (how many so far, re-captures included); capture_seconds (bucket ->
+    seconds its last capture took, warm-up included).
     """
 
-    def __init__(self, engine):
-        self.engine, self.device = engine, engine.device
+    def __init__(self, model, pools: LatentCache, max_batch_size: int, max_seq_len: int, scratch: tuple[int, int]):
+        self.model, self.pools, self.max_seq_len = model, pools, max_seq_len
+        self.device = model.rope_cos.device
         self.use_graphs = self.device.type == "cuda"
         if self.use_graphs:
-            check_capturable(engine.model)
-        self.buckets = bucket_sizes(engine.max_batch_size)
+            check_capturable(model)
+        self.buckets = bucket_sizes(max_batch_size)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor] | None] = {}
         self.captures, self.capture_seconds = 0, {}
-        self._cache = lambda: None           # weakref to the bound cache
-        self._scratch = weakref.WeakKeyDictionary()   # cache -> (block, slot) of its scratch sequence
+        self._scratch_block, self._scratch_slot = scratch
         self._pools = None                   # pool addresses the graphs were captured against
-        self._block_size = None
-        self._spare = None                   # (weakref to the last generation cache, its kv, its kv_scale)
         self._mempool = None
-
-    # ------------------------------------------------------------------------------ caches
-    def generation_cache(self, prompt_lens: list[int], n: int, max_new_tokens: int) -> LatentCache:
-        """A cache for one generate() call, grown up front to what it can need (so it never reallocates
-        mid-run) and built on the previous generation's pools when they are free and big enough."""
-        e = self.engine
-        n = n if isinstance(n, int) and n >= 1 else 1                 # bad values: Generation raises
-        new = max_new_tokens if isinstance(max_new_tokens, int) and max_new_tokens >= 1 else 1
-        cache = e.new_cache()
-        bs = cache.block_size
-        at_once = min(len(prompt_lens), max(1, e.max_batch_size // n))  # requests decoding together
-        prompt = min(max(prompt_lens, default=0), e.max_seq_len)
-        # Each request: its prompt's blocks once (forks share them), and per path its new tokens plus
-        # one block for the copy-on-write of the shared last block; one more block for the scratch row.
-        blocks = at_once * (-(-prompt // bs) + n * (-(-new // bs) + 1)) + 1
-        spare = self._spare
-        if spare is not None and spare[0]() is None and spare[1][0].shape[0] >= blocks and spare[1][0].shape[1] == bs:
-            cache.adopt(spare[1], spare[2])
-        else:
-            self._spare = spare = None        # let the old pools go before allocating new ones
-            cache.reserve(blocks * bs)
-        self._spare = (weakref.ref(cache), cache.kv, cache.kv_scale)   # the lists _grow updates in place
-        self.bind(cache)
-        return cache
-
-    def bind(self, cache: LatentCache) -> None:
-        """Decode on `cache` from now on: take a scratch block in it for the padding rows."""
-        if self._cache() is cache:
-            return
-        if cache.block_size != self._block_size:
-            self._allocate(cache.block_size)
-        if cache not in self._scratch:
-            b = cache.prepare([cache.add_sequence()], 1, device="cpu")
-            self._scratch[cache] = int(b.block_table[0, 0]), int(b.slots[0, 0])
-        self._scratch_block, self._scratch_slot = self._scratch[cache]
-        self._cache = weakref.ref(cache)
+        self._allocate(pools.block_size)
 
     def _allocate(self, block_size: int) -> None:
         """Static buffers for the largest bucket; each bucket reads a prefix of them."""
         B = self.buckets[-1]
-        self._block_size, self._max_blocks = block_size, -(-self.engine.max_seq_len // block_size)
+        self._max_blocks = -(-self.max_seq_len // block_size)
         pin = self.use_graphs   # pinned host memory: the upload is asynchronous
         # int64 rows: tokens, positions, slots; int32: seq_lens [B], then the block table [B, max_blocks].
         self._host_long = torch.zeros(3, B, dtype=torch.long, pin_memory=pin)
@@ -138,30 +100,28 @@ class DecodeGraphs:
         self.graphs.clear()
 
     # ------------------------------------------------------------------------------ the step
-    def decode(self, cache: LatentCache, seq_ids: list[int], tokens) -> torch.Tensor:
-        """One new token for each sequence -> next-token logits [len(seq_ids), vocab] float32."""
+    def decode(self, batch: CacheBatch, tokens) -> torch.Tensor:
+        """One new token for each sequence of `batch` (host tensors) -> next-token logits [B, vocab] float32."""
         if not self.use_graphs:
-            return self._decode(cache, seq_ids, tokens)
+            return self._decode(batch, tokens)
         # The capture stream and the upload event follow the current device: make it the engine's.
         with torch.cuda.device(self.device):
-            return self._decode(cache, seq_ids, tokens)
+            return self._decode(batch, tokens)
 
     @torch.inference_mode()
-    def _decode(self, cache: LatentCache, seq_ids: list[int], tokens) -> torch.Tensor:
-        B = len(seq_ids)
+    def _decode(self, batch: CacheBatch, tokens) -> torch.Tensor:
+        B = len(batch.seq_ids)
         if not 1 <= B <= self.buckets[-1]:
             raise ValueError(f"decode: {B} sequences; the CUDA-graph buckets hold 1 to {self.buckets[-1]} "
                              "(max_batch_size)")
         tokens = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
         if tokens.numel() != B:
             raise ValueError(f"decode: {tokens.numel()} tokens for {B} sequences")
-        self.bind(cache)
-        batch = cache.prepare(seq_ids, 1, device="cpu")      # may grow the pools: checked below
         if batch.block_table.shape[1] > self._max_blocks:
-            raise ValueError(f"decode: a sequence is longer than max_seq_len={self.engine.max_seq_len}")
+            raise ValueError(f"decode: a sequence is longer than max_seq_len={self.max_seq_len}")
         bucket = next(b for b in self.buckets if b >= B)
         self._upload(batch, tokens, B, bucket)
-        pools = pool_addresses(cache)
+        pools = pool_addresses(self.pools)
         if pools != self._pools:
             self.graphs.clear()
             self._pools, self._mempool = pools, None
@@ -201,8 +161,8 @@ class DecodeGraphs:
         Bmax = self.buckets[-1]
         tokens, positions, slots = (self._dev_long[i, :bucket].view(bucket, 1) for i in range(3))
         table = self._dev_int[Bmax:Bmax + bucket * self._max_blocks].view(bucket, self._max_blocks)
-        batch = CacheBatch([-1] * bucket, positions, slots, table, self._dev_int[:bucket], self.engine.max_seq_len)
-        return self.engine.model(tokens, batch, self._cache())[:, -1].float()
+        batch = CacheBatch([-1] * bucket, positions, slots, table, self._dev_int[:bucket], self.max_seq_len)
+        return self.model(tokens, batch, self.pools)[:, -1].float()
 
     def _capture(self, bucket: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         if not ops.use_triton(self._dev_long):

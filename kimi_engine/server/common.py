@@ -47,8 +47,7 @@ class ServerState:
 
 def render_chat(engine, messages: list[dict], tools: list[dict] | None, thinking: bool) -> list[int]:
     """The prompt token ids engine.chat will run for these messages."""
-    render = getattr(engine, "chat_prompt", None) or engine._chat_prompt   # TEMPORARY until the scheduler merge
-    return render(messages, tools, thinking=thinking)
+    return engine.chat_prompt(messages, tools, thinking=thinking)
 
 
 _ARGUMENT = re.compile(r"^\s*([A-Za-z_][A-Za-z_0-9]*)")
