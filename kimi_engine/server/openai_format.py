@@ -116,6 +116,9 @@ class ChatAccumulator:
             out.append(self._chunk(index, {}, logprobs={"content": entries}))
         if "finish_reason" in item:
             choice.finish_reason = item["finish_reason"]
+            if self.max_tool_calls is not None and len(choice.tool_calls) >= self.max_tool_calls:
+                # The turn the client asked for (its calls) is complete; what ran on was dropped.
+                choice.finish_reason = "tool_calls"
             choice.usage = item.get("usage")
             out.append(self._chunk(index, {}, finish_reason=choice.finish_reason))
         return out
