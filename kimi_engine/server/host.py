@@ -8,8 +8,10 @@ from another thread while it runs. Cancelling a stream (client gone, server stop
 that the thread reads after the next item, then it closes the iterator, which aborts the request in
 the engine and frees its slot and blocks; that is at most one decode step after the disconnect.
 
-Engines without a scheduler (no num_running) are not thread-safe: their calls are serialized by a
-lock, so concurrent requests queue here instead of sharing batches.
+Two kinds of engine are not safe to call from many threads at once, and their calls are serialized by
+a lock (concurrent requests then queue here instead of sharing batches): one without a scheduler (no
+num_running), and a tensor-parallel one, whose calls are mirrored to the other ranks one at a time
+(engine._mirrored: each call runs to its end on rank 0, then releases the followers).
 """
 
 from __future__ import annotations
@@ -149,7 +151,9 @@ class EngineHost:
         self.streams: set[EngineStream] = set()
 
     def set_engine(self, engine) -> None:
-        self.lock = None if hasattr(engine, "num_running") else threading.Lock()
+        parallel = getattr(getattr(engine, "runner", None), "parallel", None)
+        serialize = not hasattr(engine, "num_running") or (parallel is not None and parallel.world_size > 1)
+        self.lock = threading.Lock() if serialize else None
         self.engine = engine
 
     @property

@@ -50,6 +50,23 @@ def load_kwargs(args, accepted) -> dict:
     return out
 
 
+def follow_until_closed(engine) -> None:
+    """A rank other than 0: run rank 0's steps until rank 0 closes the engine.
+
+    engine.follow() returns at the end of each call rank 0 makes (its calls are mirrored one by one),
+    not only at close(); the runner's follow() says which: ("closed", None) is close(), anything else
+    (a call's result or error, already answered by rank 0) means: follow the next call.
+    """
+    runner = getattr(engine, "runner", None)
+    if runner is None:            # an engine whose follow() itself lasts until close()
+        engine.follow()
+        return
+    while True:
+        outcome = runner.follow()
+        if outcome is None or outcome[0] == "closed":
+            return
+
+
 def serve(args, load_engine: Callable[..., object]) -> int:
     """Serve until SIGTERM/SIGINT. load_engine(**kwargs) loads the engine (on this rank's share under
     torchrun). Rank 0 serves HTTP and schedules; every other rank follows rank 0's steps until it closes."""
@@ -70,8 +87,7 @@ def serve(args, load_engine: Callable[..., object]) -> int:
         # closes the engine (leaving earlier would hang rank 0's next collective).
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: None)
-        engine = load_engine(**kwargs)
-        engine.follow()            # returns once rank 0 closes the engine
+        follow_until_closed(load_engine(**kwargs))
         return 0
     api_key = args.api_key or os.environ.get("KIMI_ENGINE_API_KEY") or None
     name = args.served_model_name or (Path(args.model).name if args.model else DEMO_NAME)
