@@ -15,20 +15,29 @@ log = logging.getLogger("kimi_engine.server")
 DEMO_NAME = "kimi-engine-demo"
 
 
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{text}: must be >= {low}")
+        return value
+    return parse
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """serve's own flags (--model, --device and --dtype come from the CLI's shared ones)."""
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only; 0.0.0.0: all)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_int_at_least(0), default=8000)
     p.add_argument("--api-key", default=None,
                    help="require Authorization: Bearer KEY on /v1 and /tokenize (default: $KIMI_ENGINE_API_KEY)")
     p.add_argument("--served-model-name", default=None,
                    help="the model id clients send (default: the checkpoint directory's name, or kimi-engine-demo)")
-    p.add_argument("--max-batch-size", type=int, default=8, help="sequences decoded together")
-    p.add_argument("--max-seq-len", type=int, default=None, help="longest prompt + completion (default: the config's)")
-    p.add_argument("--kv-cache-tokens", type=int, default=None,
+    p.add_argument("--max-batch-size", type=_int_at_least(1), default=8, help="sequences decoded together")
+    p.add_argument("--max-seq-len", type=_int_at_least(2), default=None, help="longest prompt + completion (default: the config's)")
+    p.add_argument("--kv-cache-tokens", type=_int_at_least(1), default=None,
                    help="latent KV cache budget in tokens, shared by all sequences (default: memory)")
     p.add_argument("--no-prefix-cache", action="store_true", help="do not reuse cached prompt prefixes")
-    p.add_argument("--max-queue", type=int, default=512,
+    p.add_argument("--max-queue", type=_int_at_least(0), default=512,
                    help="sampling paths that may wait beyond the running batch; past that, 429 with retry-after")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds running requests may finish after SIGTERM before they are aborted")
