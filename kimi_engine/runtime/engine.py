@@ -58,7 +58,7 @@ def _mirrored(method):
     of items. Calls made inside a mirrored call (chat -> generate) run as plain calls."""
     @functools.wraps(method)
     def call(self, *args, **kwargs):
-        if self.runner.parallel is None or self._mirror_depth:
+        if self.runner.parallel is None or self._mirror_depth or self._leading:
             return method(self, *args, **kwargs)
         if self.runner.parallel.rank != 0:
             outcome = self.runner.follow()
@@ -127,6 +127,7 @@ class Engine:
         self._cond = threading.Condition()
         self._stepping = False
         self._mirror_depth = 0
+        self._leading = False     # rank 0 alone takes requests (see lead())
         self._grammars = None     # the GrammarCompiler, built on first use
 
     @property
@@ -194,6 +195,8 @@ class Engine:
                 if self._take_step_role(block=False):
                     try:
                         if not any(st.outputs or st.done for st in live):
+                            if not self.scheduler.has_work():
+                                raise RuntimeError("the scheduler went idle with requests unfinished")
                             self._step()
                     finally:
                         self._release_step_role()
@@ -212,14 +215,21 @@ class Engine:
                     finally:
                         self._release_step_role()
 
+    def lead(self) -> None:
+        """Rank 0 of a tensor-parallel engine: from now on rank 0 alone takes requests (a server) and the
+        other ranks run follow(); calls are no longer mirrored, so streams stream."""
+        self._leading = True
+
     def follow(self) -> None:
         """Ranks other than 0 of a tensor-parallel engine: run rank 0's steps until it calls close()."""
-        self.runner.follow()
+        while self.runner.follow() != ("closed", None):
+            pass   # the end of one of rank 0's mirrored calls: keep following
 
     def close(self) -> None:
         """Rank 0 of a tensor-parallel engine: release the ranks in follow(). Elsewhere nothing to do."""
         if self.runner.parallel is not None and self.runner.parallel.rank == 0:
             self.runner.stop_followers(("closed", None))
+            self._leading = False
 
     # ------------------------------------------------------------------------------ low level
     # A private cache driven by hand, apart from the scheduler: what benchmarks and model tests use
