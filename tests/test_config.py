@@ -8,14 +8,13 @@ from kimi_engine import CheckpointError, ModelConfig
 from kimi_engine.config import read_generation_config
 from kimi_engine.synthetic import kimi_k2_config, tiny_config
 
-from .conftest import SHARED
+from .conftest import FIXTURES, data_file
 
-FIXTURE = SHARED / "fixtures" / "kimi-k2-thinking" / "config.reconstructed.json"
+FIXTURE = FIXTURES / "kimi-k2-thinking" / "config.reconstructed.json"
 
 
-@pytest.mark.skipif(not FIXTURE.exists(), reason="../shared not present")
 def test_kimi_k2_thinking_config():
-    cfg = ModelConfig.from_json(FIXTURE)
+    cfg = ModelConfig.from_json(data_file(FIXTURE))
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.n_routed_experts, cfg.num_experts_per_tok) == (7168, 61, 384, 8)
     assert cfg.qk_head_dim == 192 and cfg.kv_lora_rank == 512
     assert cfg.yarn_mscale() ** 2 == pytest.approx(2.005, abs=1e-3)   # 1 + 0.1 ln 64, squared
@@ -28,7 +27,8 @@ def test_kimi_k2_thinking_config():
     assert cfg.eos_token_ids == [163586]
     assert cfg.extra["seq_aux"] is True                               # unknown keys are kept
     assert ModelConfig.from_dict(cfg.to_dict()).to_dict() == cfg.to_dict()
-    assert kimi_k2_config(4).num_hidden_layers == 4                   # the package's own copy
+    assert kimi_k2_config(4).num_hidden_layers == 4                   # the package's own copy ...
+    assert kimi_k2_config().to_dict() == cfg.to_dict()                # ... is the fixture
 
 
 def _write(tmp_path, d):

@@ -6,6 +6,7 @@ import torch
 import kimi_engine as ke
 from kimi_engine.synthetic import tiny_config, write_random_checkpoint
 
+from .conftest import TINY_ENGINE_OPTIONS
 from .hf_reference import hf_logits, hf_model_from_checkpoint
 
 PROMPT = torch.randint(2, 256, (40,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -79,56 +80,56 @@ def test_logits_match_hf_bfloat16(checkpoint):
     assert median_token_error(ours) <= min(2 * median_token_error(theirs), 0.03)
 
 
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    path = write_random_checkpoint(tmp_path_factory.mktemp("tiny"), tiny_config(), seed=1)
-    return ke.load(path, dtype=torch.float32, progress=False, device="cpu", max_seq_len=256)
-
-
 def _forward(engine, cache, seqs, tokens, absorb=None):
     return engine.model(torch.tensor(tokens), cache.prepare(seqs, len(tokens[0])), cache, absorb=absorb)
 
 
-def test_absorbed_equals_naive(engine):
-    caches = [engine.new_cache(), engine.new_cache()]
-    naive, absorbed = (_forward(engine, c, [c.add_sequence()], [PROMPT], absorb=a) for c, a in zip(caches, (False, True)))
+def test_absorbed_equals_naive(tiny_engine):
+    caches = [tiny_engine.new_cache(), tiny_engine.new_cache()]
+    naive, absorbed = (_forward(tiny_engine, c, [c.add_sequence()], [PROMPT], absorb=a)
+                       for c, a in zip(caches, (False, True)))
     torch.testing.assert_close(absorbed, naive, rtol=1e-5, atol=1e-5)
 
 
-def test_step_by_step_decode_equals_prefill(engine):
-    full = engine.logits(PROMPT)
-    cache = engine.new_cache(block_size=16)
+def test_step_by_step_decode_equals_prefill(tiny_engine):
+    full = tiny_engine.logits(PROMPT)
+    cache = tiny_engine.new_cache(block_size=16)
     seq = cache.add_sequence()
     split = 25  # a prefill, then one token at a time (absorbed form) over the same cache
-    steps = [engine.prefill(cache, seq, PROMPT[:split], all_logits=True)]
-    steps += [engine.decode_step(cache, [seq], [t]) for t in PROMPT[split:]]
+    steps = [tiny_engine.prefill(cache, seq, PROMPT[:split], all_logits=True)]
+    steps += [tiny_engine.decode_step(cache, [seq], [t]) for t in PROMPT[split:]]
     torch.testing.assert_close(torch.cat(steps), full, rtol=1e-5, atol=1e-5)
 
 
-def test_cacheless_forward_equals_prefill(engine):
+def test_cacheless_forward_equals_prefill(tiny_engine):
     # The training / scoring path: no cache, attention among the given tokens only.
     with torch.no_grad():
-        logits = engine.model(torch.tensor([PROMPT, PROMPT[::-1]]))
-    torch.testing.assert_close(logits[1].float(), engine.logits(PROMPT[::-1]), rtol=1e-5, atol=1e-5)
+        logits = tiny_engine.model(torch.tensor([PROMPT, PROMPT[::-1]]))
+    torch.testing.assert_close(logits[1].float(), tiny_engine.logits(PROMPT[::-1]), rtol=1e-5, atol=1e-5)
 
 
-def test_batch_rows_are_independent(engine):
+def test_batch_rows_are_independent(tiny_engine):
     a, b = PROMPT[:20], PROMPT[20:]
-    cache = engine.new_cache()
-    both = _forward(engine, cache, [cache.add_sequence(), cache.add_sequence()], [a, b])
-    torch.testing.assert_close(both[1].float(), engine.logits(b), rtol=1e-5, atol=1e-5)
+    cache = tiny_engine.new_cache()
+    both = _forward(tiny_engine, cache, [cache.add_sequence(), cache.add_sequence()], [a, b])
+    torch.testing.assert_close(both[1].float(), tiny_engine.logits(b), rtol=1e-5, atol=1e-5)
 
 
-def test_greedy_uses_the_cache_and_matches_recomputation(engine):
-    new = engine.greedy(PROMPT[:10], 12)
+def test_greedy_uses_the_cache_and_matches_recomputation(tiny_engine):
+    new = tiny_engine.greedy(PROMPT[:10], 12)
     ids = list(PROMPT[:10])
     for _ in range(12):  # the slow way: a full prefill for every token
-        ids.append(int(engine.logits(ids)[-1].argmax()))
+        ids.append(int(tiny_engine.logits(ids)[-1].argmax()))
     assert new == ids[10:]
 
 
-@pytest.mark.parametrize("ids, match", [([], "empty"), ([0, 256], "vocab_size"), ([1] * 300, "max_seq_len")])
-def test_bad_token_ids(engine, ids, match):
+VOCAB, MAX_SEQ_LEN = 768, TINY_ENGINE_OPTIONS["max_seq_len"]
+
+
+@pytest.mark.parametrize("ids, match", [([], "empty"), ([0, VOCAB], "vocab_size"), ([-1, 3], "vocab_size"),
+                                        ([1] * (MAX_SEQ_LEN + 1), "max_seq_len")])
+def test_bad_token_ids(tiny_engine, ids, match):
+    assert tiny_engine.config.vocab_size == VOCAB
     with pytest.raises(ValueError, match=match):
-        engine.logits(ids)
-    assert engine.logits([3, 4]).shape == (2, 256)  # still usable
+        tiny_engine.logits(ids)
+    assert tiny_engine.logits([3, 4]).shape == (2, VOCAB)  # still usable
