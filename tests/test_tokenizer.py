@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from kimi_engine.errors import CheckpointError
 from kimi_engine.chat.tokenizer import KIMI_PATTERN, Tokenizer, load_tokenizer
 
-from .conftest import data_file
+from .conftest import DATA, FIXTURES, data_file
 from .tokenizer_helpers import (EXTRA_TEXT, KIMI_PATTERN_REFERENCE, KIMI_SPECIALS, SHAKESPEARE_TAIL,  # noqa: F401
                                kimi_dir, kimi_vocab, tiktoken_reference, write_kimi_dir)
 
@@ -197,3 +197,14 @@ def test_vocab_without_config_tokens_gets_kimi_defaults(tmp_path):
     path.write_text(json.dumps(config))
     tok = Tokenizer.from_pretrained(tmp_path)
     assert (tok.bos_token, tok.eos_token) == ("[BOS]", "[EOS]")   # tokenization_kimi.py's defaults
+
+
+def test_shipped_test_data_is_there_and_a_missing_file_fails():
+    """The suites read only what ships under tests/ (each file named in its folder's SOURCES.md); a
+    missing file fails the test that needs it instead of skipping it."""
+    for folder in (DATA, FIXTURES / "kimi-k2-thinking"):
+        sources = data_file(folder / "SOURCES.md").read_text(encoding="utf-8")
+        files = [f.name for f in folder.iterdir() if f.name != "SOURCES.md"]
+        assert files and all(f"`{name}`" in sources for name in files), (folder, files)
+    with pytest.raises(pytest.fail.Exception, match="nowhere.txt is missing: it ships with the repository"):
+        data_file(DATA / "nowhere.txt")
