@@ -29,6 +29,13 @@ if TYPE_CHECKING:
 
 
 KV_TILE = 4096  # context positions expanded at a time by the naive (prefill) attention
+# q_a_layernorm and kv_a_layernorm (the two latent norms) use a fixed epsilon, not config.rms_norm_eps:
+# DeepSeek's inference code, HF transformers' DeepseekV3 and the modeling code shipped with
+# DeepSeek-V3-family checkpoints build them with the RMSNorm default 1e-6, and use rms_norm_eps only for
+# the input, post-attention and final norms. The checkpoints were trained that way; with Kimi's
+# rms_norm_eps = 1e-5 the config's value would move every activation by ~1e-5 relative and can flip a
+# near-tied expert choice on long inputs.
+LATENT_NORM_EPS = 1e-6
 
 
 def _weight(*shape: int, dtype: torch.dtype | None = None) -> nn.Parameter:
@@ -180,10 +187,10 @@ class MLA(nn.Module):
             self.q_proj = Linear(c.hidden_size, q_out, parallel, "column")
         else:
             self.q_a_proj = Linear(c.hidden_size, c.q_lora_rank)
-            self.q_a_layernorm = RMSNorm(c.q_lora_rank, c.rms_norm_eps)
+            self.q_a_layernorm = RMSNorm(c.q_lora_rank, LATENT_NORM_EPS)
             self.q_b_proj = Linear(c.q_lora_rank, q_out, parallel, "column")
         self.kv_a_proj_with_mqa = Linear(c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim)
-        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.rms_norm_eps)
+        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, LATENT_NORM_EPS)
         self.kv_b_proj = Linear(c.kv_lora_rank, c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim),
                                 parallel, "column")
         self.o_proj = Linear(c.num_attention_heads * c.v_head_dim, c.hidden_size, parallel, "row")
