@@ -255,10 +255,12 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--cuda-graphs", action="store_true", help="decode through CUDA graphs (CUDA only)")
         p.add_argument("--model", type=Path, default=None, help="checkpoint directory (default: the built-in demo)")
         if name != "bench":
-            p.add_argument("--max-new-tokens", type=int, default=200 if name == "generate" else 1024)
-            p.add_argument("--temperature", type=float, default=0.8)
-            p.add_argument("--top-p", type=float, default=0.95)
-            p.add_argument("--top-k", type=int, default=0)
+            p.add_argument("--max-new-tokens", type=int, default=None,
+                           help="default: generation_config.json's, else 256 (generate) / 4,096 (chat)")
+            # None: the checkpoint's generation_config.json (the demo's: temperature 1.0, top-p 0.95)
+            p.add_argument("--temperature", type=float, default=None)
+            p.add_argument("--top-p", type=float, default=None)
+            p.add_argument("--top-k", type=int, default=None)
             p.add_argument("--seed", type=int, default=None)
         p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
         p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],

@@ -28,10 +28,11 @@ from .. import ops
 from ..cache import LatentCache
 from ..chat.parser import THINK_BEGIN, THINK_END, StreamParser, parse_assistant
 from ..checkpoint import load_model
-from ..config import ModelConfig
+from ..config import ModelConfig, read_generation_config
 from ..kernels.mla_decode import check_fp8_kv_device
 from ..model import Transformer
 from ..chat.tokenizer import load_tokenizer
+from ..chat.validate import check_messages, check_tools
 from .agent import AgentRun, run_agent
 from .blocks import BlockManager
 from .cuda_graphs import DecodeGraphs, check_not_parallel
@@ -419,6 +420,8 @@ class Engine:
         """The prompt token ids of one assistant turn for OpenAI-format messages and tool schemas."""
         if self.tokenizer is None:
             raise ValueError("chat needs a tokenizer; this checkpoint has none")
+        check_messages(messages)
+        check_tools(tools)
         ids = self.tokenizer.apply_chat_template(messages, tools or None, add_generation_prompt=True)
         if not thinking:  # an empty reasoning block: the model goes straight to the answer
             ids += self.tokenizer.encode(THINK_BEGIN + THINK_END)
@@ -590,7 +593,7 @@ def load(path: str | Path | None = None, device: torch.device | str | None = Non
     if kv_fp8 and ops.kernel_mode() != "torch":
         check_fp8_kv_device(device)
     tokenizer = load_tokenizer(path)  # first: a broken tokenizer file fails before any weights load
-    defaults = {}
+    defaults = read_generation_config(path)
     model, config = load_model(path, device=device, dtype=dtype, progress=progress, parallel=parallel)
     max_seq_len = max_seq_len or config.max_position_embeddings
     if not 0 < max_seq_len <= config.max_position_embeddings:
