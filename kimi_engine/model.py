@@ -268,6 +268,9 @@ class MLP(nn.Module):
         self.down_proj = Linear(inter_dim, dim, parallel, "row", reduce=reduce)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        projs = (self.gate_proj, self.up_proj, self.down_proj)
+        if self.down_proj.parallel is None and not any(p.int4 for p in projs):   # one fused op (CPU kernels)
+            return ops.mlp(x, *(p.weight for p in projs))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 

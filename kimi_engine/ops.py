@@ -1,8 +1,9 @@
 """One function per hot op. The model calls these; each picks an implementation for its inputs.
 
 KIMI_ENGINE_KERNELS chooses, read at every call (so tests can monkeypatch it):
-    auto    (default) the Triton kernel for CUDA tensors; on the CPU torch's INT4 kernel for INT4
-            weights where it takes the shape (cpu_int4.py), the pure-torch reference otherwise
+    auto    (default) the Triton kernel for CUDA tensors; on the CPU the CPU kernels (kernels/cpu.py:
+            bf16 and INT4 matmuls, the fused MLP and MoE, float32 arithmetic) where they built and take
+            the shapes, else torch's INT4 kernel for bf16 INT4 matmuls (cpu_int4.py), else the reference
     triton  always the kernel; on CPU tensors that needs TRITON_INTERPRET=1 set before triton is imported
     torch   always the reference
 bf16 experts have no kernel yet and run their reference under every setting; bf16 matmuls go to
@@ -17,6 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from . import cpu_int4
+from .kernels import cpu as cpu_kernels
+from .kernels import cpu_dispatch
 from .kernels.mla_decode import mla_decode, mla_decode_ref
 from .kernels.moe import fused_moe, fused_moe_ref, moe_loop_ref
 from .kernels.routing import route as route_kernel
@@ -34,6 +37,11 @@ def kernel_mode() -> str:
     if mode not in KERNEL_MODES:
         raise ValueError(f"{KERNELS_ENV}={value!r} is not one of {', '.join(KERNEL_MODES)}")
     return mode
+
+
+def use_cpu_kernels(x: torch.Tensor, *weights: tuple[torch.Tensor, torch.Tensor]) -> bool:
+    """Whether an INT4 op on CPU tensors runs the CPU kernels (auto mode, built, a shape they take)."""
+    return kernel_mode() == "auto" and cpu_dispatch.int4_ok(x, *weights)
 
 
 def use_cpu_int4(x: torch.Tensor, *weights: tuple[torch.Tensor, torch.Tensor]) -> bool:
@@ -54,7 +62,20 @@ def use_triton(x: torch.Tensor) -> bool:
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [..., K] @ weight [N, K].T (a bf16 / float weight)."""
+    if kernel_mode() == "auto" and not x.is_cuda:
+        y = cpu_dispatch.linear(x, weight)
+        if y is not None:
+            return y
     return F.linear(x, weight)
+
+
+def mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """SiLU-gated MLP with float weights: down(silu(x gate^T) * (x up^T)); gate/up [I, D], down [D, I]."""
+    if kernel_mode() == "auto" and not x.is_cuda:
+        y = cpu_dispatch.mlp(x, gate, up, down)
+        if y is not None:
+            return y
+    return linear(F.silu(linear(x, gate)) * linear(x, up), down)
 
 
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -62,6 +83,8 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> t
     x2 = x.reshape(-1, x.shape[-1])
     if use_triton(x):
         y = w4a16_matmul(x2, packed, scale, group_size=x.shape[-1] // max(scale.shape[-1], 1))
+    elif use_cpu_kernels(x, (packed, scale)):
+        y = cpu_kernels.linear_int4(x2.contiguous(), packed, scale)
     elif use_cpu_int4(x, (packed, scale)):
         y = cpu_int4.linear(x2, packed, scale)
     else:
@@ -96,6 +119,9 @@ def moe_int4(x, gate_up_packed, gate_up_scale, down_packed, down_scale, topk_wei
     """Routed INT4 experts: x [T, D] -> [T, D]; see fused_moe_ref for the layout."""
     if use_triton(x):
         fn = fused_moe
+    elif use_cpu_kernels(x, (gate_up_packed, gate_up_scale), (down_packed, down_scale)):
+        fn = cpu_kernels.moe_int4
+        x = x.contiguous()
     elif use_cpu_int4(x, (gate_up_packed, gate_up_scale), (down_packed, down_scale)):
         fn = cpu_int4.moe
     else:
