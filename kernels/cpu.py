@@ -109,11 +109,13 @@ def _build() -> ctypes.CDLL:
         raise RuntimeError(f"{lib_path} is version {lib.kt_version()}, expected {ABI_VERSION}")
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.kt_set_threads.argtypes = [i32]
+    lib.kt_set_spin.argtypes = [i32]
     lib.kt_linear_bf16.argtypes = [p, i32, i64, i64, p, i64, p, i32]
     lib.kt_linear_int4.argtypes = [p, i32, i64, i64, p, p, i64, i64, p, i32]
     lib.kt_mlp_bf16.argtypes = [p, i32, i64, i64, i64, p, p, p, p, i32]
+    lib.kt_heads_bf16.argtypes = [p, i32, i64, i64, i64, p, i64, i64, i64, i32, p, i32]
     lib.kt_moe_int4.argtypes = [p, i32, i64, i64, i64, i64, i64, p, p, p, p, p, p, i64, p, i32]
-    for fn in (lib.kt_set_threads, lib.kt_linear_bf16, lib.kt_linear_int4, lib.kt_mlp_bf16, lib.kt_moe_int4):
+    for fn in (lib.kt_set_threads, lib.kt_set_spin, lib.kt_linear_bf16, lib.kt_linear_int4, lib.kt_mlp_bf16, lib.kt_heads_bf16, lib.kt_moe_int4):
         fn.restype = None
     lib.kt_set_threads(torch.get_num_threads())
     return lib
@@ -228,6 +230,27 @@ def mlp_bf16(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.
     y = torch.empty_like(x)
     library().kt_mlp_bf16(_ptr(x), x.dtype == torch.bfloat16, x.shape[0], D, I, _ptr(gate), _ptr(up), _ptr(down),
                           _ptr(y), y.dtype == torch.bfloat16)
+    return y
+
+
+def heads_bf16(x: torch.Tensor, weight: torch.Tensor, n_heads: int, first_row: int, n_rows: int,
+               transposed: bool) -> torch.Tensor:
+    """Per-head products with head h's rows [first_row, first_row + n_rows) of weight [H * R, C] (bf16):
+    transposed=False: x [M, H, C] -> [M, H, n_rows], y = x @ rows^T (absorbed MLA: latent -> value);
+    transposed=True:  x [M, H, n_rows] -> [M, H, C], y = x @ rows (absorbed MLA: q_nope -> latent)."""
+    HR, C = weight.shape
+    if HR % n_heads or first_row < 0 or first_row + n_rows > HR // n_heads:
+        raise ValueError(f"heads_bf16: rows [{first_row}, {first_row + n_rows}) of {HR // max(n_heads, 1)} per head "
+                         f"do not fit weight {list(weight.shape)} with n_heads={n_heads}")
+    _check_weight("heads_bf16 weight", weight, torch.bfloat16, (HR, C))
+    K_in, n_out = (n_rows, C) if transposed else (C, n_rows)
+    if x.dim() != 3 or tuple(x.shape[1:]) != (n_heads, K_in):
+        raise ValueError(f"heads_bf16: x is {tuple(x.shape)}, expected [M, {n_heads}, {K_in}]")
+    _check_act("heads_bf16", x.view(-1, K_in), K_in)
+    y = torch.empty(x.shape[0], n_heads, n_out, dtype=x.dtype)
+    w = weight[first_row:]   # a view: head h's rows start at h * (HR / H) rows past it
+    library().kt_heads_bf16(_ptr(x), x.dtype == torch.bfloat16, x.shape[0], n_heads, K_in, _ptr(w), (HR // n_heads) * C,
+                            C, n_out, bool(transposed), _ptr(y), y.dtype == torch.bfloat16)
     return y
 
 

@@ -19,7 +19,10 @@ import torch
 from . import cpu
 
 ACT_DTYPES = cpu.ACT_DTYPES
-MAX_ROWS = 64   # more activation rows (prefill) go to torch's GEMM where it is faster; see _prefill_wins
+# bf16 activations with more rows than this (prefill) go to torch's bf16 GEMM (oneDNN, AVX512-BF16),
+# measured 137-178 GFLOP/s at 128-512 rows on 2 cores against ~50 here; float32 ones always stay here
+# (torch's float32 GEMM: 37-51 GFLOP/s, on weights twice the size).
+MAX_BF16_ROWS = 64
 
 # id(weight) -> ((id, data_ptr, version), bf16 copy or None when the weight is not exactly bf16)
 _bf16: dict[int, tuple[tuple, torch.Tensor | None]] = {}
@@ -53,7 +56,7 @@ def bf16_weight(w: torch.Tensor) -> torch.Tensor | None:
 
 
 def dense_rows_ok(x: torch.Tensor) -> bool:
-    return _acts_ok(x) and x.reshape(-1, x.shape[-1]).shape[0] <= MAX_ROWS
+    return _acts_ok(x) and (x.dtype == torch.float32 or x.reshape(-1, x.shape[-1]).shape[0] <= MAX_BF16_ROWS)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
@@ -89,3 +92,15 @@ def int4_ok(x: torch.Tensor, *weights: tuple[torch.Tensor, torch.Tensor]) -> boo
                 or not packed.is_contiguous() or not scale.is_contiguous()):
             return False
     return True
+
+
+def mla_heads(x: torch.Tensor, kv_b: torch.Tensor, n_heads: int, first_row: int, n_rows: int,
+              transposed: bool) -> torch.Tensor | None:
+    """Absorbed MLA's per-head products (cpu.heads_bf16) on x [B, S, H, *], or None where not taken."""
+    if kv_b.device.type != "cpu" or not dense_rows_ok(x.flatten(0, 1)):
+        return None
+    w = bf16_weight(kv_b)
+    if w is None:
+        return None
+    x3 = x.reshape(-1, *x.shape[2:]).contiguous()
+    return cpu.heads_bf16(x3, w, n_heads, first_row, n_rows, transposed).view(*x.shape[:2], n_heads, -1)

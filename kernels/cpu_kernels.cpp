@@ -30,7 +30,7 @@ namespace {
 // can never claim a task of a newer job under an older job's count.
 constexpr int kTaskBits = 20;
 constexpr uint64_t kTaskMask = (uint64_t(1) << kTaskBits) - 1;
-constexpr int kSpinMicros = 300;   // a worker spins this long for the next job, then sleeps
+std::atomic<int> g_spin_micros{50};   // a worker spins this long for the next job, then sleeps (kt_set_spin)
 
 using TaskFn = void (*)(void*, int);
 
@@ -92,7 +92,7 @@ class Pool {
       auto start = std::chrono::steady_clock::now();
       for (int spin = 0; gen_.load() == seen && !stop_; ++spin) {
         _mm_pause();
-        if ((spin & 255) == 0 && std::chrono::steady_clock::now() - start > std::chrono::microseconds(kSpinMicros)) {
+        if ((spin & 255) == 0 && std::chrono::steady_clock::now() - start > std::chrono::microseconds(g_spin_micros.load(std::memory_order_relaxed))) {
           std::unique_lock<std::mutex> lock(mu_);
           sleepers_.fetch_add(1);
           cv_.wait(lock, [&] { return gen_.load() != seen || stop_; });
@@ -454,6 +454,8 @@ int kt_version() { return 1; }
 
 void kt_set_threads(int n) { pool().resize(n); }
 
+void kt_set_spin(int micros) { g_spin_micros.store(std::max(0, micros)); }
+
 int kt_get_threads() { return pool().threads(); }
 
 // y [M, N] = x [M, K] @ w[N, K]^T, w bf16.
@@ -491,6 +493,60 @@ void kt_mlp_bf16(const void* x, int x_bf16, int64_t M, int64_t D, int64_t I, con
     Bf16Weight{down, I}.apply(n0, n1, M, hrows.data(), [&](int64_t n, int64_t m, float v) { store_act(y, y_bf16, m * D + n, v); });
   };
   parallel(tasks2, f2);
+}
+
+// Per-head matmuls of absorbed MLA attention, bf16 weights w[h * head_stride + r * row_stride + c].
+// transposed = 0: y[m, h, n] = sum_k x[m, h, k] w[h, n, k]   (rows are outputs: o = o_latent @ W_UV^T)
+// transposed = 1: y[m, h, c] = sum_n x[m, h, n] w[h, n, c]   (rows are inputs:  q_latent = q_nope @ W_UK)
+// x [M, H, Kin], y [M, H, Nout].
+constexpr int HEAD_COLS = 128;   // output columns per task of the transposed form: 8 float32 accumulators
+
+void kt_heads_bf16(const void* x, int x_bf16, int64_t M, int64_t H, int64_t Kin, const uint16_t* w, int64_t head_stride,
+                   int64_t row_stride, int64_t Nout, int transposed, void* y, int y_bf16) {
+  if (!transposed) {
+    std::vector<float> buf;
+    auto rows = prepare_rows<Bf16Weight>(x, x_bf16, M * H, Kin, buf);   // row m * H + h
+    int64_t blocks = (Nout + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
+    auto f = [&](int t) {
+      int64_t h = t / blocks, n0 = (t % blocks) * ROWS_PER_TASK, n1 = std::min<int64_t>(Nout, n0 + ROWS_PER_TASK);
+      const uint16_t* wh = w + h * head_stride;
+      std::vector<const float*> xs(static_cast<size_t>(M));
+      for (int64_t m = 0; m < M; ++m) xs[size_t(m)] = rows[size_t(m * H + h)];
+      rows_times_acts(
+          n0, n1, M, xs.data(),
+          [&](int64_t n, const float* const* xr, float o[1][4]) { bf16_tile<1, 4>(xr, wh + n * row_stride, row_stride, Kin, o); },
+          [&](int64_t n, const float* const* xr, float o[4][1]) { bf16_tile<4, 1>(xr, wh + n * row_stride, row_stride, Kin, o); },
+          [&](int64_t n, const float* const* xr, float o[1][1]) { bf16_tile<1, 1>(xr, wh + n * row_stride, row_stride, Kin, o); },
+          [&](int64_t n, int64_t m, float v) { store_act(y, y_bf16, (m * H + h) * Nout + n, v); });
+    };
+    parallel(int(H * blocks), f);
+    return;
+  }
+  int64_t blocks = (Nout + HEAD_COLS - 1) / HEAD_COLS;
+  auto f = [&](int t) {
+    int64_t h = t / blocks, c0 = (t % blocks) * HEAD_COLS, cols = std::min<int64_t>(HEAD_COLS, Nout - c0);
+    const uint16_t* wh = w + h * head_stride + c0;
+    for (int64_t m = 0; m < M; ++m) {
+      __m512 acc[HEAD_COLS / 16];
+      for (auto& a : acc) a = _mm512_setzero_ps();
+      for (int64_t n = 0; n < Kin; ++n) {
+        __m512 xv = _mm512_set1_ps(load_act(x, x_bf16, (m * H + h) * Kin + n));
+        const uint16_t* wr = wh + n * row_stride;
+        for (int i = 0; i < HEAD_COLS / 16; ++i) {
+          int64_t left = cols - 16 * i;
+          if (left <= 0) break;
+          __mmask16 mask = left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1);
+          __m256i v = _mm256_maskz_loadu_epi16(mask, wr + 16 * i);
+          __m512 wf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+          acc[i] = _mm512_fmadd_ps(xv, wf, acc[i]);
+        }
+      }
+      alignas(64) float out[HEAD_COLS];
+      for (int i = 0; i < HEAD_COLS / 16; ++i) _mm512_store_ps(out + 16 * i, acc[i]);
+      for (int64_t c = 0; c < cols; ++c) store_act(y, y_bf16, (m * H + h) * Nout + c0 + c, out[c]);
+    }
+  };
+  parallel(int(H * blocks), f);
 }
 
 // Routed INT4 experts: y [T, D] = sum_k weights[t, k] * expert_{ids[t, k]}(x[t]); ids of -1 skip.

@@ -12,6 +12,7 @@ cuBLAS through F.linear.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -37,6 +38,39 @@ def kernel_mode() -> str:
     if mode not in KERNEL_MODES:
         raise ValueError(f"{KERNELS_ENV}={value!r} is not one of {', '.join(KERNEL_MODES)}")
     return mode
+
+
+def set_threads(n: int | None = None) -> int:
+    """The CPU thread budget: n threads (default: the CPUs this process may run on) for the CPU
+    kernels' pool and for torch's intra-op pool. Returns n. See decode_threads for decode steps."""
+    if n is None:
+        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"threads={n!r} must be a positive integer")
+    torch.set_num_threads(n)
+    cpu_kernels.set_threads(n)
+    return n
+
+
+@contextlib.contextmanager
+def decode_threads(tokens: torch.Tensor):
+    """Around a forward pass: a CPU decode step (one new token per sequence) whose heavy ops run on
+    the CPU kernels runs torch's own ops on one thread. They are small (norms, rope, routing, the
+    attention over the cache), and torch's pool waits at a barrier after each one: on a machine
+    whose cores are shared, each barrier can wait a whole time slice for a descheduled thread
+    (measured: 1.3-6 tok/s with 2 torch threads against 9-15 with 1, while other jobs ran). The
+    kernels' own pool does not wait for late threads (cpu_kernels.cpp), so it keeps every thread."""
+    single = (tokens.device.type == "cpu" and tokens.dim() == 2 and tokens.shape[1] == 1
+              and kernel_mode() == "auto" and torch.get_num_threads() > 1 and cpu_kernels.available())
+    if not single:
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def use_cpu_kernels(x: torch.Tensor, *weights: tuple[torch.Tensor, torch.Tensor]) -> bool:
@@ -132,6 +166,29 @@ def moe_int4(x, gate_up_packed, gate_up_scale, down_packed, down_scale, topk_wei
 def moe_dense(x, gate_up_weight, down_weight, topk_weights, topk_ids):
     """Routed bf16 experts: gate_up [E, 2I, D], down [E, D, I]; x [T, D] -> [T, D] (reference loop; no kernel yet)."""
     return moe_loop_ref(x, lambda e: (gate_up_weight[e], down_weight[e]), topk_weights, topk_ids)
+
+
+def mla_absorb_query(q_nope: torch.Tensor, kv_b: torch.Tensor, nope_dim: int) -> torch.Tensor:
+    """q_nope [B, S, H, N] through W_UK -> q_latent [B, S, H, C]; kv_b [H * (N + V), C] is kv_b_proj's weight."""
+    H = q_nope.shape[2]
+    if kernel_mode() == "auto" and not q_nope.is_cuda:
+        y = cpu_dispatch.mla_heads(q_nope, kv_b, H, 0, nope_dim, transposed=True)
+        if y is not None:
+            return y
+    w_uk = kv_b.view(H, -1, kv_b.shape[-1])[:, :nope_dim]
+    return torch.einsum("bshn,hnc->bshc", q_nope, w_uk)
+
+
+def mla_absorb_value(o_latent: torch.Tensor, kv_b: torch.Tensor, nope_dim: int) -> torch.Tensor:
+    """o_latent [B, S, H, C] through W_UV -> [B, S, H, V]; kv_b [H * (N + V), C] is kv_b_proj's weight."""
+    H = o_latent.shape[2]
+    per_head = kv_b.shape[0] // H
+    if kernel_mode() == "auto" and not o_latent.is_cuda:
+        y = cpu_dispatch.mla_heads(o_latent, kv_b, H, nope_dim, per_head - nope_dim, transposed=False)
+        if y is not None:
+            return y
+    w_uv = kv_b.view(H, per_head, kv_b.shape[-1])[:, nope_dim:]
+    return torch.einsum("bshc,hvc->bshv", o_latent, w_uv)
 
 
 def mla_attention(q_latent, q_rope, kv_cache, block_table, seq_lens, softmax_scale, kv_scale=None, max_seq_len=None):
