@@ -16,13 +16,14 @@ def hf_model(path, config: ModelConfig, dtype: torch.dtype):
     import transformers
     d = {k: v for k, v in config.to_dict().items()
          if k not in ("quantization_config", "architectures", "model_type", "torch_dtype")}
+    d["pad_token_id"] = None   # Kimi's pad id lies past a smaller vocabulary; nothing is padded here
     hf_config = transformers.DeepseekV3Config(**d, attn_implementation="sdpa")
     torch.set_default_dtype(dtype)
     try:
         model = transformers.DeepseekV3ForCausalLM(hf_config).eval()
     finally:
         torch.set_default_dtype(torch.float32)
-    params = dict(model.named_parameters())
+    params, buffers = dict(model.named_parameters()), dict(model.named_buffers())   # the router bias is a buffer
     infos = read_headers(path)
     handles = {info.file: safe_open(info.file, "pt") for info in infos.values()}
     loaded = set()
@@ -43,7 +44,7 @@ def hf_model(path, config: ModelConfig, dtype: torch.dtype):
             params[name].data[e, rows].copy_(w)
             loaded.add(name)
         else:
-            params[key].data.copy_(f.get_tensor(key))
+            (params[key] if key in params else buffers[key]).data.copy_(f.get_tensor(key))
             loaded.add(key)
     missing = set(params) - loaded
     if missing:

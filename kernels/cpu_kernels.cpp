@@ -232,15 +232,13 @@ inline __mmask16 int4_word_mask(int64_t K, int64_t b) {
 }
 
 #ifdef __AVX512BF16__
-// vdpbf16ps multiplies 32 bf16 pairs per instruction. Nibbles become bf16(q) through two byte
-// tables (vpshufb: low and high byte of bf16(n - 8)) and a byte interleave. Byte b of the 64 loaded
-// bytes holds columns 2b (low nibble) and 2b+1 (high), so each 128-bit lane covers 32 consecutive
-// columns and every float lane of the products sums columns of one group. The activations are bf16
-// (bf16 inputs only: it would round float32 ones). Position of column c in a prepared block: int4_position.
-inline int64_t int4_position(int64_t c) {
-  int64_t lane = c / 32, r = c % 32, odd = r & 1, half = (r >> 1) / 8, k = (r >> 1) % 8;
-  return (odd * 2 + half) * 32 + 8 * lane + k;
-}
+// vdpbf16ps multiplies 32 bf16 pairs per instruction. 16-bit lane L of the 64 loaded bytes holds
+// columns 4L..4L+3; vpermw with a 32-entry table (bf16(n - 8), twice) turns the low nibble of every
+// lane into bf16(q), reading only the low 5 bits of each index, so shifting the lanes by 4, 8, 12
+// gives the other three: vector j holds column 4L + j in lane L. Float lane i of the products sums
+// lanes 2i, 2i+1, i.e. columns of word i, one group. Activations bf16 (bf16 inputs only: it would
+// round float32 ones), column 4L + j of a block at 32j + L (int4_position).
+inline int64_t int4_position(int64_t c) { return (c % 4) * 32 + c / 4; }
 
 inline void int4_put_bh(float* row, int64_t k, float v) {
   reinterpret_cast<uint16_t*>(row + (k / INT4_BLOCK) * INT4_BLOCK)[int4_position(k % INT4_BLOCK)] = float_to_bf16(v);
@@ -251,13 +249,10 @@ inline __m512bh as_bh(__m512i v) { return reinterpret_cast<__m512bh&>(v); }
 template <int NR, int MR>
 inline void int4_tile_bh(const float* const* xs, const int32_t* w, const uint16_t* s, int64_t w_stride,
                          int64_t s_stride, const Int4Layout& L, float out[NR][MR]) {
-  alignas(16) static const uint8_t lo_table[16] = {0x00, 0xe0, 0xc0, 0xa0, 0x80, 0x40, 0x00, 0x80,
-                                                   0x00, 0x80, 0x00, 0x40, 0x80, 0xa0, 0xc0, 0xe0};
-  alignas(16) static const uint8_t hi_table[16] = {0xc1, 0xc0, 0xc0, 0xc0, 0xc0, 0xc0, 0xc0, 0xbf,
-                                                   0x00, 0x3f, 0x40, 0x40, 0x40, 0x40, 0x40, 0x40};
-  const __m512i lut_lo = _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(lo_table)));
-  const __m512i lut_hi = _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(hi_table)));
-  const __m512i nibble = _mm512_set1_epi8(0x0f);
+  alignas(64) static const uint16_t table_words[32] = {
+      0xc100, 0xc0e0, 0xc0c0, 0xc0a0, 0xc080, 0xc040, 0xc000, 0xbf80, 0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0,
+      0xc100, 0xc0e0, 0xc0c0, 0xc0a0, 0xc080, 0xc040, 0xc000, 0xbf80, 0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0};
+  const __m512i table = _mm512_load_si512(table_words);
   __m512 acc[NR][MR];
   for (int r = 0; r < NR; ++r)
     for (int m = 0; m < MR; ++m) acc[r][m] = _mm512_setzero_ps();
@@ -266,11 +261,9 @@ inline void int4_tile_bh(const float* const* xs, const int32_t* w, const uint16_
     __mmask16 wmask = int4_word_mask(L.K, b);
     for (int r = 0; r < NR; ++r) {
       __m512i v = _mm512_maskz_loadu_epi32(wmask, w + r * w_stride + b * 16);
-      __m512i lo = _mm512_and_si512(v, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
-      __m512i lo_l = _mm512_shuffle_epi8(lut_lo, lo), lo_h = _mm512_shuffle_epi8(lut_hi, lo);
-      __m512i hi_l = _mm512_shuffle_epi8(lut_lo, hi), hi_h = _mm512_shuffle_epi8(lut_hi, hi);
-      __m512i q[4] = {_mm512_unpacklo_epi8(lo_l, lo_h), _mm512_unpackhi_epi8(lo_l, lo_h),
-                      _mm512_unpacklo_epi8(hi_l, hi_h), _mm512_unpackhi_epi8(hi_l, hi_h)};
+      __m512i q[4] = {_mm512_permutexvar_epi16(v, table), _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), table),
+                      _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 8), table),
+                      _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 12), table)};
       __m512 sv = int4_scales(s + r * s_stride, b, L);
       for (int m = 0; m < MR; ++m) {
         const uint16_t* xb = reinterpret_cast<const uint16_t*>(xs[m] + b * INT4_BLOCK);
