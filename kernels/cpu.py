@@ -1,31 +1,42 @@
 """The CPU decode kernels (cpu_kernels.cpp): built on first use, cached, loaded with ctypes.
 
-Why a small C++ library and not torch's own kernels or torch.compile (measured on a 2-core AMD
-EPYC Zen 4, AVX-512, ~17 GB/s read, a DeepSeek-V3-architecture model with hidden 2048):
-  - torch's `_weight_int4pack_mm_for_cpu` reads INT4 at ~6.5 GB/s in bf16 and ~0.13 GB/s in
-    float32; bf16 `F.linear` streams at ~9 GB/s on a CPU without AMX, float32 at ~15.6 GB/s but
-    with weights twice the size. These kernels keep the weights as stored (bf16, INT4) and do all
-    arithmetic in float32 (bf16 widens by a shift; a nibble becomes a float through one vpermps),
-    so float32 and bf16 activations read the same bytes at the same speed.
-  - The reference MoE is a Python loop of ~10 torch ops per expert; kt_moe_int4 is one call per
-    layer that reads each touched expert once for all of its tokens. Fewer calls also means fewer
-    thread wake-ups per step, which is what collapses on a shared machine (below).
-  - torch.compile of the step costs minutes of compilation on two cores (every test run, every
-    new shape) and still calls the same slow matmuls.
-  - A torch C++ extension (torch.utils.cpp_extension) takes ~1 minute to compile torch's headers;
-    this file includes no torch header and builds in ~1.5 s, so a fresh machine (and the tests)
-    build it on first use. Nothing here is torch-ABI specific.
+What they do: y = x W^T for bf16 W and for Kimi's INT4 W (packed nibbles, a bf16 scale per 32
+inputs), a fused SiLU-gated MLP (one call: gate, up, down), a fused routed-expert MoE (one call per
+layer; each touched expert read once for all of its tokens) and absorbed MLA's per-head products.
+Weights stay as stored; activations may be float32 or bf16; sums are float32. bf16 widens to float32
+by a shift; an INT4 nibble becomes bf16(q) through vpermw (then vdpbf16ps) for bf16 activations and
+float(q) through vpermps (then FMA) for float32 ones, so float32 activations read the same bytes as
+bf16 ones and are not rounded.
 
-Threading: its own pool (kt_set_threads), whose jobs end when their tasks are done rather than at
-a barrier, so a descheduled worker costs one task, not one OS time slice per op (see
-cpu_kernels.cpp and README). torch's pool is left alone; the torch ops between these kernels are
-small.
+Why this and not the alternatives (measured on this 2-core AMD EPYC Zen 4 VM, AVX-512 with BF16,
+DeepSeek-V3 layers of hidden 2048):
+  - torch's `_weight_int4pack_mm_for_cpu` reads INT4 at ~6.5 GB/s in bf16 and ~0.13 GB/s in
+    float32; bf16 `F.linear` streams at ~9-19 GB/s, float32 at ~15 GB/s but over twice the bytes.
+    Here: the 131 MB lm_head at 22-25 GB/s on 2 threads (torch bf16: 13-19), INT4 at ~7 GB/s per
+    core from DRAM, 26-32 GMAC/s per core from L2.
+  - The reference MoE is a Python loop of ~10 torch ops per expert; the absorbed-MLA einsums copy
+    a transposed kv_b weight every step (2 MB per layer). Fewer, larger calls also mean fewer
+    thread wake-ups per step, which is what collapses on a shared machine (below).
+  - torch.compile of the step costs minutes of compilation on two cores (every process, every new
+    shape) and would still call the same slow matmuls.
+  - A torch C++ extension (torch.utils.cpp_extension) spends ~1 minute compiling torch's headers;
+    this file includes none and builds in ~1.5 s, so a fresh machine (and the test suite) builds it
+    on first use. Nothing in it depends on torch's ABI.
+  - Prefill: bf16 activations with more than 64 rows go to torch's oneDNN bf16 GEMM (137-178
+    GFLOP/s at 128-512 rows against ~50 here); float32 ones stay here (torch float32: 37-51).
+
+Threading: the kernels have their own pool (set_threads; ops.set_threads sets it and torch's). A
+job ends when its tasks are done, not when every thread has reached a barrier, so a worker that the
+OS has descheduled costs one task, not a time slice per op. torch's pool does wait at barriers: with
+the machine shared (load average ~11 on 2 cores) a bf16 decode of the benchmark model ran at 0.9
+tok/s with 2 torch threads inside the step and 3.8 with 1 (kernels on 2 threads; 3.2 with the
+kernels on 1), so decode steps run torch's small ops on one thread (ops.decode_threads).
 
 Build: `$CXX` (default `c++`) with -O3 -march=native into `$KIMI_ENGINE_CACHE` (default
 ~/.cache/kimi_engine), named by a hash of the source, the flags, the compiler and this CPU's
 flags, so a new source or another CPU builds again. Anything failing (no compiler, no AVX-512,
-KIMI_ENGINE_CPU_KERNELS=0) leaves `available()` False with the reason in `unavailable_reason()`,
-and ops.py falls back to torch.
+KIMI_ENGINE_CPU_KERNELS=0) leaves `available()` False with the reason in `unavailable_reason()`
+(and one RuntimeWarning), and ops.py falls back to torch.
 """
 
 from __future__ import annotations

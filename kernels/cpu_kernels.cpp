@@ -40,6 +40,7 @@ class Pool {
 
   void resize(int n) {
     n = std::max(1, n);
+    std::lock_guard<std::mutex> one_job(run_mu_);   // not while a job runs
     if (n == int(workers_.size()) + 1) return;
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -56,6 +57,9 @@ class Pool {
 
   void run(int tasks, TaskFn fn, void* ctx) {
     if (tasks <= 0) return;
+    // ctypes drops the GIL around these calls: two Python threads may get here at once. (A task
+    // never starts a job of its own, so this cannot deadlock.)
+    std::lock_guard<std::mutex> one_job(run_mu_);
     if (workers_.empty() || tasks == 1) {
       for (int i = 0; i < tasks; ++i) fn(ctx, i);
       return;
@@ -110,7 +114,7 @@ class Pool {
   std::atomic<int> done_{0}, sleepers_{0};
   TaskFn fn_ = nullptr;
   void* ctx_ = nullptr;
-  std::mutex mu_;
+  std::mutex mu_, run_mu_;
   std::condition_variable cv_;
   std::atomic<bool> stop_{false};
 };
