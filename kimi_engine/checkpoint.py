@@ -16,6 +16,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -441,6 +442,50 @@ def save_checkpoint(weights: Transformer | dict[str, torch.Tensor], path: str | 
     writer = ShardWriter(path, max_shard_bytes)
     for key, t in tqdm(_to_checkpoint_format(tensors, config).items(), desc="writing", disable=not progress):
         writer.add(key, t)
+    writer.close()
+    (path / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    return path
+
+
+def save_checkpoint_stream(items: Iterable[tuple[str, torch.Tensor]], path: str | Path, config: ModelConfig,
+                           max_shard_bytes: int = 5 * 2**30, progress: bool = False) -> Path:
+    """save_checkpoint for tensors produced one at a time: (checkpoint key, tensor) pairs, each
+    written (quantized first where the config says INT4 and a `.weight` is given) and let go, so
+    memory holds one shard, not the model. weight_shape entries are added; a missing, repeated,
+    unexpected or misshapen tensor raises CheckpointError."""
+    with torch.device("meta"):
+        slots = checkpoint_layout(Transformer(config))
+    path = Path(path)
+    writer = ShardWriter(path, max_shard_bytes)
+    written: set[str] = set()
+
+    def add(key: str, t: torch.Tensor) -> None:
+        slot = slots.get(key)
+        if slot is None:
+            raise CheckpointError(f"save_checkpoint_stream: unexpected tensor {key!r} for this config")
+        if key in written:
+            raise CheckpointError(f"save_checkpoint_stream: tensor {key!r} given twice")
+        if tuple(t.shape) != slot.shape:
+            raise CheckpointError(f"save_checkpoint_stream: tensor {key!r} has shape {list(t.shape)}, "
+                                  f"expected {list(slot.shape)}")
+        writer.add(key, t)
+        written.add(key)
+
+    for key, t in tqdm(items, desc="writing", disable=not progress):
+        module = key.rpartition(".")[0]
+        if key.endswith(".weight") and key not in slots and f"{module}.weight_packed" in slots:
+            packed, scale = int4.quantize(t, config.quant.group_size)
+            add(f"{module}.weight_packed", packed)
+            add(f"{module}.weight_scale", scale)
+        else:
+            add(key, t)
+    for key, slot in slots.items():
+        if slot.kind == "shape" and key not in written:
+            add(key, torch.tensor(_expected_weight_shape(slots, key), dtype=torch.int64))
+    missing = [k for k in slots if k not in written]
+    if missing:
+        raise CheckpointError(f"save_checkpoint_stream: tensor {missing[0]!r} is missing from the weights given "
+                              f"({len(missing)} missing)")
     writer.close()
     (path / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
     return path
