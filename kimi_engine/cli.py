@@ -102,7 +102,8 @@ def _load(args, **kwargs):
     dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32,
              "bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
     progress = args.model is not None and (parallel is None or parallel.rank == 0)
-    return load(args.model, device=device, dtype=dtype, progress=progress, parallel=parallel, **kwargs)
+    return load(args.model, device=device, dtype=dtype, progress=progress, parallel=parallel,
+                threads=getattr(args, "threads", None), **kwargs)
 
 
 def bench(args) -> int:
@@ -263,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--top-k", type=int, default=None)
             p.add_argument("--seed", type=int, default=None)
         p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+        p.add_argument("--threads", type=positive_int, default=None,
+                       help="CPU threads (default: the CPUs this process may run on)")
         p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                        help="auto: bfloat16 on CUDA, float32 on CPU")
     args = parser.parse_args(argv)

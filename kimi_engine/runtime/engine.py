@@ -553,7 +553,7 @@ def default_kv_cache_tokens(device: torch.device, bytes_per_token: int, max_batc
 def load(path: str | Path | None = None, device: torch.device | str | None = None, dtype: torch.dtype = torch.bfloat16,
          max_seq_len: int | None = None, max_batch_size: int = 8, progress: bool = True,
          prefill_chunk: int = 2048, kv_fp8: bool = False, parallel=None, cuda_graphs: bool = False,
-         prefix_cache: bool = True, kv_cache_tokens: int | None = None) -> Engine:
+         prefix_cache: bool = True, kv_cache_tokens: int | None = None, threads: int | None = None) -> Engine:
     """Load a checkpoint directory (see checkpoint.py) into an Engine.
 
     device: default CUDA when available, else CPU. dtype: bfloat16, float16 or float32.
@@ -566,6 +566,8 @@ def load(path: str | Path | None = None, device: torch.device | str | None = Non
     parallel: a kimi_engine.parallel.Parallel to load this rank's shard of a tensor/expert-parallel
     model; None: the whole model here. cuda_graphs: decode steps replay CUDA graphs, captured once
     per batch-size bucket (cuda_graphs.py); needs the Triton kernels and INT4 experts.
+    threads (CPU): the threads of the CPU kernels and of torch (default: the CPUs this process may
+    run on); decode steps run torch's small ops on one thread whatever the setting (ops.decode_threads).
     """
     for name, value in (("max_batch_size", max_batch_size), ("prefill_chunk", prefill_chunk)):
         if not _is_int(value) or value < 1:
@@ -575,6 +577,10 @@ def load(path: str | Path | None = None, device: torch.device | str | None = Non
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"dtype={dtype}: must be torch.bfloat16, torch.float16 or torch.float32")
     device = _device(device)
+    if device.type == "cpu":
+        ops.set_threads(threads)
+    elif threads is not None:
+        raise ValueError(f"threads={threads!r}: only for a CPU device")
     if path is None:  # the built-in demo model, shipped as package data (kimi_engine/demo/)
         from ..demo import demo_path
         path = demo_path()
