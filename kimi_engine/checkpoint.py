@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -400,19 +402,90 @@ class ShardWriter:
         (self.path / INDEX_FILE).write_text(json.dumps(index, indent=2))
 
 
+def _unstack_experts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A Transformer's own state_dict() -> checkpoint keys: each per-layer expert stack
+    (`experts.gate_up_packed` [E, 2I, ...], `experts.down_scale` [E, D, ...], ...) becomes E experts'
+    `experts.{e}.{gate,up,down}_proj.*` tensors (gate_up's first half of rows is gate, as the loader
+    stacks them). Other keys are already checkpoint keys and pass through."""
+    out: dict[str, torch.Tensor] = {}
+    for key, t in tensors.items():
+        m = _STACKED.match(key)
+        if m is None:
+            out[key] = t
+            continue
+        suffix, rows = _FILE_SUFFIX[m["kind"]], t.shape[1]
+        parts = ([("gate", slice(0, rows // 2)), ("up", slice(rows // 2, rows))] if m["part"] == "gate_up"
+                 else [("down", slice(0, rows))])
+        for e in range(t.shape[0]):   # a whole model's stack starts at expert 0
+            for proj, sl in parts:
+                name = f"{m['prefix']}.{e}.{proj}_proj.{suffix}"
+                if name in tensors:
+                    raise CheckpointError(f"save_checkpoint: tensor {name!r} is given twice, alone and in {key!r}")
+                out[name] = t[e, sl]
+    return out
+
+
 def save_checkpoint(weights: Transformer | dict[str, torch.Tensor], path: str | Path, config: ModelConfig,
                     max_shard_bytes: int = 5 * 2**30, progress: bool = False) -> Path:
-    """Write `weights` (a Transformer, or a state dict under checkpoint keys) as a checkpoint directory.
+    """Write `weights` as a checkpoint directory. `weights` is a Transformer, its `state_dict()`
+    (routed experts in per-layer stacks), or a state dict under checkpoint keys (one tensor per expert,
+    as `checkpoint_state_dict` and `synthetic.random_state_dict` give).
 
     Modules that config.quantization_config covers are written as INT4 (quantizing float weights
     where given); everything else as given. Shards of at most `max_shard_bytes` (one tensor larger
     than that gets a shard of its own), an index with total_size, and config.json.
     """
     path = Path(path)
-    tensors = checkpoint_state_dict(weights) if isinstance(weights, nn.Module) else weights
+    if not isinstance(weights, (nn.Module, Mapping)):
+        raise TypeError(f"save_checkpoint: weights must be a Transformer or a state dict, got {type(weights).__name__}")
+    tensors = checkpoint_state_dict(weights) if isinstance(weights, nn.Module) else _unstack_experts(weights)
     writer = ShardWriter(path, max_shard_bytes)
     for key, t in tqdm(_to_checkpoint_format(tensors, config).items(), desc="writing", disable=not progress):
         writer.add(key, t)
+    writer.close()
+    (path / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    return path
+
+
+def save_checkpoint_stream(items: Iterable[tuple[str, torch.Tensor]], path: str | Path, config: ModelConfig,
+                           max_shard_bytes: int = 5 * 2**30, progress: bool = False) -> Path:
+    """save_checkpoint for tensors produced one at a time: (checkpoint key, tensor) pairs, each
+    written (quantized first where the config says INT4 and a `.weight` is given) and let go, so
+    memory holds one shard, not the model. weight_shape entries are added; a missing, repeated,
+    unexpected or misshapen tensor raises CheckpointError."""
+    with torch.device("meta"):
+        slots = checkpoint_layout(Transformer(config))
+    path = Path(path)
+    writer = ShardWriter(path, max_shard_bytes)
+    written: set[str] = set()
+
+    def add(key: str, t: torch.Tensor) -> None:
+        slot = slots.get(key)
+        if slot is None:
+            raise CheckpointError(f"save_checkpoint_stream: unexpected tensor {key!r} for this config")
+        if key in written:
+            raise CheckpointError(f"save_checkpoint_stream: tensor {key!r} given twice")
+        if tuple(t.shape) != slot.shape:
+            raise CheckpointError(f"save_checkpoint_stream: tensor {key!r} has shape {list(t.shape)}, "
+                                  f"expected {list(slot.shape)}")
+        writer.add(key, t)
+        written.add(key)
+
+    for key, t in tqdm(items, desc="writing", disable=not progress):
+        module = key.rpartition(".")[0]
+        if key.endswith(".weight") and key not in slots and f"{module}.weight_packed" in slots:
+            packed, scale = int4.quantize(t, config.quant.group_size)
+            add(f"{module}.weight_packed", packed)
+            add(f"{module}.weight_scale", scale)
+        else:
+            add(key, t)
+    for key, slot in slots.items():
+        if slot.kind == "shape" and key not in written:
+            add(key, torch.tensor(_expected_weight_shape(slots, key), dtype=torch.int64))
+    missing = [k for k in slots if k not in written]
+    if missing:
+        raise CheckpointError(f"save_checkpoint_stream: tensor {missing[0]!r} is missing from the weights given "
+                              f"({len(missing)} missing)")
     writer.close()
     (path / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
     return path

@@ -102,7 +102,8 @@ def _load(args, **kwargs):
     dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32,
              "bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
     progress = args.model is not None and (parallel is None or parallel.rank == 0)
-    return load(args.model, device=device, dtype=dtype, progress=progress, parallel=parallel, **kwargs)
+    return load(args.model, device=device, dtype=dtype, progress=progress, parallel=parallel,
+                threads=getattr(args, "threads", None), **kwargs)
 
 
 def bench(args) -> int:
@@ -255,12 +256,16 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--cuda-graphs", action="store_true", help="decode through CUDA graphs (CUDA only)")
         p.add_argument("--model", type=Path, default=None, help="checkpoint directory (default: the built-in demo)")
         if name != "bench":
-            p.add_argument("--max-new-tokens", type=int, default=200 if name == "generate" else 1024)
-            p.add_argument("--temperature", type=float, default=0.8)
-            p.add_argument("--top-p", type=float, default=0.95)
-            p.add_argument("--top-k", type=int, default=0)
+            p.add_argument("--max-new-tokens", type=int, default=None,
+                           help="default: generation_config.json's, else 256 (generate) / 4,096 (chat)")
+            # None: the checkpoint's generation_config.json (the demo's: temperature 1.0, top-p 0.95)
+            p.add_argument("--temperature", type=float, default=None)
+            p.add_argument("--top-p", type=float, default=None)
+            p.add_argument("--top-k", type=int, default=None)
             p.add_argument("--seed", type=int, default=None)
         p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+        p.add_argument("--threads", type=positive_int, default=None,
+                       help="CPU threads (default: the CPUs this process may run on)")
         p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                        help="auto: bfloat16 on CUDA, float32 on CPU")
     # serve: an OpenAI-compatible server (kimi_engine/server); its flags live beside it.

@@ -250,3 +250,60 @@ class ModelConfig:
 
     def replace(self, **changes) -> "ModelConfig":
         return ModelConfig.from_dict({**self.to_dict(), **changes})
+
+
+# ------------------------------------------------------------------------- generation_config.json
+GENERATION_CONFIG_FILE = "generation_config.json"
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# The sampling defaults a checkpoint may recommend: key -> (valid?, what a valid value is, cast). The
+# ranges are those generate() accepts (runtime/sampling.py), so a default read here never fails there.
+GENERATION_DEFAULTS = {
+    "temperature": (lambda v: _is_number(v) and v >= 0, "a number >= 0 (0 is greedy)", float),
+    "top_p": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]", float),
+    "top_k": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0 is off)", int),
+    "min_p": (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]", float),
+    "repetition_penalty": (lambda v: _is_number(v) and v > 0, "a number > 0 (1 is off)", float),
+    "max_new_tokens": (lambda v: _is_int(v) and v >= 1, "an integer >= 1", int),
+}
+
+
+def read_generation_config(path: str | Path) -> dict[str, Any]:
+    """The sampling defaults a checkpoint recommends, from its generation_config.json (HF's file).
+
+    path: the checkpoint directory, or the file itself. Returns the keys of GENERATION_DEFAULTS the file
+    sets (temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens), named as generate()'s
+    arguments: {} when the file is absent, a key left out when absent or null. Other keys (bos/eos ids,
+    max_length, which counts the prompt too, do_sample) are ignored: like vLLM, the values are taken as
+    the defaults for arguments the caller leaves unset, whatever do_sample says (checkpoints often set
+    temperature without do_sample). A value out of range, or a file that is not a JSON object, raises
+    CheckpointError naming the file and the key.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / GENERATION_CONFIG_FILE
+    if not path.is_file():
+        return {}
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path}: expected a JSON object at the top level")
+    out = {}
+    for key, (valid, want, cast) in GENERATION_DEFAULTS.items():
+        value = d.get(key)
+        if value is None:
+            continue
+        if not valid(value):
+            raise CheckpointError(f"{path}: {key}={value!r} must be {want}")
+        out[key] = cast(value)
+    return out

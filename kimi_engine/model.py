@@ -29,6 +29,13 @@ if TYPE_CHECKING:
 
 
 KV_TILE = 4096  # context positions expanded at a time by the naive (prefill) attention
+# q_a_layernorm and kv_a_layernorm (the two latent norms) use a fixed epsilon, not config.rms_norm_eps:
+# DeepSeek's inference code, HF transformers' DeepseekV3 and the modeling code shipped with
+# DeepSeek-V3-family checkpoints build them with the RMSNorm default 1e-6, and use rms_norm_eps only for
+# the input, post-attention and final norms. The checkpoints were trained that way; with Kimi's
+# rms_norm_eps = 1e-5 the config's value would move every activation by ~1e-5 relative and can flip a
+# near-tied expert choice on long inputs.
+LATENT_NORM_EPS = 1e-6
 
 
 def _weight(*shape: int, dtype: torch.dtype | None = None) -> nn.Parameter:
@@ -180,10 +187,10 @@ class MLA(nn.Module):
             self.q_proj = Linear(c.hidden_size, q_out, parallel, "column")
         else:
             self.q_a_proj = Linear(c.hidden_size, c.q_lora_rank)
-            self.q_a_layernorm = RMSNorm(c.q_lora_rank, c.rms_norm_eps)
+            self.q_a_layernorm = RMSNorm(c.q_lora_rank, LATENT_NORM_EPS)
             self.q_b_proj = Linear(c.q_lora_rank, q_out, parallel, "column")
         self.kv_a_proj_with_mqa = Linear(c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim)
-        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.rms_norm_eps)
+        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, LATENT_NORM_EPS)
         self.kv_b_proj = Linear(c.kv_lora_rank, c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim),
                                 parallel, "column")
         self.o_proj = Linear(c.num_attention_heads * c.v_head_dim, c.hidden_size, parallel, "row")
@@ -209,15 +216,15 @@ class MLA(nn.Module):
         cache.write(layer, batch, latent, k_rope)
 
         if absorb:
-            w_uk, w_uv = self.kv_b_proj.dense_weight(x.dtype).view(H, N + V, C).split([N, V], dim=1)
-            q_latent = torch.einsum("bshn,hnc->bshc", q_nope, w_uk)
+            kv_b = self.kv_b_proj.dense_weight(x.dtype)                          # [H * (N + V), C]
+            q_latent = ops.mla_absorb_query(q_nope, kv_b, N)                     # [B, S, H, C]
             # One row per query token, each with its own causal length, all reading its sequence's blocks.
             # Decode skips repeat_interleave, whose CUDA path may read back to the host (CUDA graphs forbid it).
             table = batch.block_table if S == 1 else batch.block_table.repeat_interleave(S, dim=0)
             o_latent = ops.mla_attention(
                 q_latent.flatten(0, 1), q_rope.flatten(0, 1), cache.kv[layer], table, (positions + 1).flatten().int(),
                 self.softmax_scale, None if cache.kv_scale is None else cache.kv_scale[layer], batch.max_seq_len)
-            o = torch.einsum("bshc,hvc->bshv", o_latent.view(B, S, H, C), w_uv)  # [B, S, H, V]
+            o = ops.mla_absorb_value(o_latent.view(B, S, H, C), kv_b, N)         # [B, S, H, V]
         else:
             o = self.attend_naive(q_nope, q_rope, *cache.gather(layer, batch), positions)
         return self.o_proj(o.flatten(2))
@@ -268,6 +275,9 @@ class MLP(nn.Module):
         self.down_proj = Linear(inter_dim, dim, parallel, "row", reduce=reduce)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        projs = (self.gate_proj, self.up_proj, self.down_proj)
+        if self.down_proj.parallel is None and not any(p.int4 for p in projs):   # one fused op (CPU kernels)
+            return ops.mlp(x, *(p.weight for p in projs))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -420,6 +430,10 @@ class Transformer(nn.Module):
         (training and scoring; differentiable). absorb: attention form; default naive for prompts
         (S > 1), absorbed for single-token decode.
         """
+        with ops.decode_threads(tokens):
+            return self._forward(tokens, batch, cache, absorb, last_only)
+
+    def _forward(self, tokens, batch, cache, absorb, last_only) -> torch.Tensor:
         B, S = tokens.shape
         if cache is None:
             positions, absorb = torch.arange(S, device=tokens.device).expand(B, S), False

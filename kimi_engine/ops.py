@@ -1,8 +1,9 @@
 """One function per hot op. The model calls these; each picks an implementation for its inputs.
 
 KIMI_ENGINE_KERNELS chooses, read at every call (so tests can monkeypatch it):
-    auto    (default) the Triton kernel for CUDA tensors; on the CPU torch's INT4 kernel for INT4
-            weights where it takes the shape (cpu_int4.py), the pure-torch reference otherwise
+    auto    (default) the Triton kernel for CUDA tensors; on the CPU the CPU kernels (kernels/cpu.py:
+            bf16 and INT4 matmuls, the fused MLP and MoE, float32 arithmetic) where they built and take
+            the shapes, else torch's INT4 kernel for bf16 INT4 matmuls (cpu_int4.py), else the reference
     triton  always the kernel; on CPU tensors that needs TRITON_INTERPRET=1 set before triton is imported
     torch   always the reference
 bf16 experts have no kernel yet and run their reference under every setting; bf16 matmuls go to
@@ -11,12 +12,15 @@ cuBLAS through F.linear.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
 import torch.nn.functional as F
 
 from . import cpu_int4
+from .kernels import cpu as cpu_kernels
+from .kernels import cpu_dispatch
 from .kernels.mla_decode import mla_decode, mla_decode_ref
 from .kernels.moe import fused_moe, fused_moe_ref, moe_loop_ref
 from .kernels.routing import route as route_kernel
@@ -34,6 +38,44 @@ def kernel_mode() -> str:
     if mode not in KERNEL_MODES:
         raise ValueError(f"{KERNELS_ENV}={value!r} is not one of {', '.join(KERNEL_MODES)}")
     return mode
+
+
+def set_threads(n: int | None = None) -> int:
+    """The CPU thread budget: n threads (default: the CPUs this process may run on) for the CPU
+    kernels' pool and for torch's intra-op pool. Returns n. See decode_threads for decode steps."""
+    if n is None:
+        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"threads={n!r} must be a positive integer")
+    torch.set_num_threads(n)
+    cpu_kernels.set_threads(n)
+    return n
+
+
+@contextlib.contextmanager
+def decode_threads(tokens: torch.Tensor):
+    """Around a forward pass: a CPU decode step (one new token per sequence) whose heavy ops run on
+    the CPU kernels runs torch's own ops on one thread. They are small (norms, rope, routing, the
+    attention over the cache), and torch's pool waits at a barrier after each one: on a machine
+    whose cores are shared, each barrier can wait a whole time slice for a descheduled thread
+    (measured: 1.3-6 tok/s with 2 torch threads against 9-15 with 1, while other jobs ran). The
+    kernels' own pool does not wait for late threads (cpu_kernels.cpp), so it keeps every thread."""
+    single = (tokens.device.type == "cpu" and tokens.dim() == 2 and tokens.shape[1] == 1
+              and kernel_mode() == "auto" and torch.get_num_threads() > 1 and cpu_kernels.available())
+    if not single:
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def use_cpu_kernels(x: torch.Tensor, *weights: tuple[torch.Tensor, torch.Tensor]) -> bool:
+    """Whether an INT4 op on CPU tensors runs the CPU kernels (auto mode, built, a shape they take)."""
+    return kernel_mode() == "auto" and cpu_dispatch.int4_ok(x, *weights)
 
 
 def use_cpu_int4(x: torch.Tensor, *weights: tuple[torch.Tensor, torch.Tensor]) -> bool:
@@ -54,7 +96,20 @@ def use_triton(x: torch.Tensor) -> bool:
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [..., K] @ weight [N, K].T (a bf16 / float weight)."""
+    if kernel_mode() == "auto" and not x.is_cuda:
+        y = cpu_dispatch.linear(x, weight)
+        if y is not None:
+            return y
     return F.linear(x, weight)
+
+
+def mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """SiLU-gated MLP with float weights: down(silu(x gate^T) * (x up^T)); gate/up [I, D], down [D, I]."""
+    if kernel_mode() == "auto" and not x.is_cuda:
+        y = cpu_dispatch.mlp(x, gate, up, down)
+        if y is not None:
+            return y
+    return linear(F.silu(linear(x, gate)) * linear(x, up), down)
 
 
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -62,6 +117,8 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> t
     x2 = x.reshape(-1, x.shape[-1])
     if use_triton(x):
         y = w4a16_matmul(x2, packed, scale, group_size=x.shape[-1] // max(scale.shape[-1], 1))
+    elif use_cpu_kernels(x, (packed, scale)):
+        y = cpu_kernels.linear_int4(x2.contiguous(), packed, scale)
     elif use_cpu_int4(x, (packed, scale)):
         y = cpu_int4.linear(x2, packed, scale)
     else:
@@ -96,6 +153,9 @@ def moe_int4(x, gate_up_packed, gate_up_scale, down_packed, down_scale, topk_wei
     """Routed INT4 experts: x [T, D] -> [T, D]; see fused_moe_ref for the layout."""
     if use_triton(x):
         fn = fused_moe
+    elif use_cpu_kernels(x, (gate_up_packed, gate_up_scale), (down_packed, down_scale)):
+        fn = cpu_kernels.moe_int4
+        x = x.contiguous()
     elif use_cpu_int4(x, (gate_up_packed, gate_up_scale), (down_packed, down_scale)):
         fn = cpu_int4.moe
     else:
@@ -106,6 +166,29 @@ def moe_int4(x, gate_up_packed, gate_up_scale, down_packed, down_scale, topk_wei
 def moe_dense(x, gate_up_weight, down_weight, topk_weights, topk_ids):
     """Routed bf16 experts: gate_up [E, 2I, D], down [E, D, I]; x [T, D] -> [T, D] (reference loop; no kernel yet)."""
     return moe_loop_ref(x, lambda e: (gate_up_weight[e], down_weight[e]), topk_weights, topk_ids)
+
+
+def mla_absorb_query(q_nope: torch.Tensor, kv_b: torch.Tensor, nope_dim: int) -> torch.Tensor:
+    """q_nope [B, S, H, N] through W_UK -> q_latent [B, S, H, C]; kv_b [H * (N + V), C] is kv_b_proj's weight."""
+    H = q_nope.shape[2]
+    if kernel_mode() == "auto" and not q_nope.is_cuda:
+        y = cpu_dispatch.mla_heads(q_nope, kv_b, H, 0, nope_dim, transposed=True)
+        if y is not None:
+            return y
+    w_uk = kv_b.view(H, -1, kv_b.shape[-1])[:, :nope_dim]
+    return torch.einsum("bshn,hnc->bshc", q_nope, w_uk)
+
+
+def mla_absorb_value(o_latent: torch.Tensor, kv_b: torch.Tensor, nope_dim: int) -> torch.Tensor:
+    """o_latent [B, S, H, C] through W_UV -> [B, S, H, V]; kv_b [H * (N + V), C] is kv_b_proj's weight."""
+    H = o_latent.shape[2]
+    per_head = kv_b.shape[0] // H
+    if kernel_mode() == "auto" and not o_latent.is_cuda:
+        y = cpu_dispatch.mla_heads(o_latent, kv_b, H, nope_dim, per_head - nope_dim, transposed=False)
+        if y is not None:
+            return y
+    w_uv = kv_b.view(H, per_head, kv_b.shape[-1])[:, nope_dim:]
+    return torch.einsum("bshc,hvc->bshv", o_latent, w_uv)
 
 
 def mla_attention(q_latent, q_rope, kv_cache, block_table, seq_lens, softmax_scale, kv_scale=None, max_seq_len=None):

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from .checkpoint import checkpoint_layout, save_checkpoint
+from .checkpoint import checkpoint_layout, save_checkpoint_stream
 from .config import KIMI_QUANT, ModelConfig
 from .model import Transformer
 
@@ -45,12 +46,13 @@ def kimi_k2_config(num_hidden_layers: int | None = None) -> ModelConfig:
     return ModelConfig.from_dict(d)
 
 
-def random_state_dict(config: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
-    """Random float weights under checkpoint keys (`.weight` also for INT4 modules: save_checkpoint quantizes)."""
+def iter_random_weights(config: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.bfloat16
+                        ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Random float weights under checkpoint keys, one tensor at a time (`.weight` also for INT4
+    modules: the writer quantizes). Projections have std 1/sqrt(fan_in), which keeps activations O(1)."""
     with torch.device("meta"):
         model = Transformer(config.replace(quantization_config=None))
     g = torch.Generator().manual_seed(seed)
-    out = {}
     for key, slot in checkpoint_layout(model).items():
         if key.endswith("norm.weight"):
             t = 1.0 + 0.1 * torch.randn(slot.shape, generator=g)
@@ -58,16 +60,21 @@ def random_state_dict(config: ModelConfig, seed: int = 0, dtype: torch.dtype = t
             t = 0.1 * torch.randn(slot.shape, generator=g)
         elif key.endswith("embed_tokens.weight"):
             t = torch.randn(slot.shape, generator=g)
-        else:  # projections: std 1/sqrt(fan_in) keeps activations O(1)
+        else:
             t = torch.randn(slot.shape, generator=g) * slot.shape[-1] ** -0.5
-        out[key] = t.to(torch.float32 if key.endswith("e_score_correction_bias") else dtype)
-    return out
+        yield key, t.to(torch.float32 if key.endswith("e_score_correction_bias") else dtype)
+
+
+def random_state_dict(config: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+    """Random float weights under checkpoint keys (`.weight` also for INT4 modules: save_checkpoint quantizes)."""
+    return dict(iter_random_weights(config, seed, dtype))
 
 
 def write_random_checkpoint(path: str | Path, config: ModelConfig | None = None, seed: int = 0,
-                            max_shard_bytes: int = 5 * 2**30) -> Path:
+                            max_shard_bytes: int = 5 * 2**30, progress: bool = False) -> Path:
+    """The weights of random_state_dict, written as they are drawn (memory: one shard, whatever the size)."""
     config = config or tiny_config()
-    return save_checkpoint(random_state_dict(config, seed), path, config, max_shard_bytes=max_shard_bytes)
+    return save_checkpoint_stream(iter_random_weights(config, seed), path, config, max_shard_bytes, progress)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -12,7 +12,8 @@ from kimi_engine.chat import builtin_chat_template, render_chat_template
 from kimi_engine.chat.parser import MESSAGE_END, OTHER_CONTROL, SECTION_BEGIN, SECTION_END, StreamParser, parse_assistant
 from kimi_engine.chat.tokenizer import Tokenizer
 
-from .tokenizer_helpers import (FIXTURE_TEMPLATE, kimi_dir, kimi_vocab, shared_path,  # noqa: F401
+from .conftest import data_file
+from .tokenizer_helpers import (FIXTURE_TEMPLATE, kimi_dir, kimi_vocab,  # noqa: F401
                                 tiktoken_reference, write_kimi_dir)
 
 # --- rendering --------------------------------------------------------------------------------
@@ -53,7 +54,7 @@ def hf_render(backend, template, messages, tools=None, add_generation_prompt=Fal
 
 @pytest.fixture(scope="module")
 def fixture_template():
-    return shared_path(FIXTURE_TEMPLATE).read_text(encoding="utf-8")
+    return data_file(FIXTURE_TEMPLATE).read_text(encoding="utf-8")
 
 
 def test_builtin_template_is_hfs_original(fixture_template):

@@ -83,6 +83,48 @@ def test_save_read_roundtrip_exact(good, tmp_path):
     assert json.loads((again / "config.json").read_text()) == json.loads((path / "config.json").read_text())
 
 
+def _same_tensors(a, b):
+    ha, hb = read_headers(a), read_headers(b)
+    assert ha.keys() == hb.keys()
+    for key in ha:
+        with safe_open(ha[key].file, "pt") as f, safe_open(hb[key].file, "pt") as g:
+            assert torch.equal(f.get_tensor(key), g.get_tensor(key)), key
+
+
+def test_save_a_models_state_dict(good, tmp_path):
+    """model.state_dict() holds routed experts in per-layer stacks (experts.gate_up_packed [E, 2I, D/8]):
+    save_checkpoint takes it as it takes the model, and writes the same tensors."""
+    path, config, _ = good
+    model, _ = load_model(path, progress=False)
+    state = model.state_dict()
+    assert "model.layers.1.mlp.experts.gate_up_packed" in state
+    _same_tensors(save_checkpoint(state, tmp_path / "from_state_dict", config), path)
+
+
+def test_save_a_float_models_state_dict_quantizes_its_experts(tmp_path):
+    """A float model's stacks (experts.gate_up_weight) under an INT4 config are quantized on the way out,
+    exactly as the per-expert float weights are."""
+    config = tiny_config()
+    weights = random_state_dict(config, seed=4)
+    float_config = config.replace(quantization_config=None)
+    save_checkpoint(weights, tmp_path / "float", float_config)
+    model, _ = load_model(tmp_path / "float", progress=False)
+    assert "model.layers.2.mlp.experts.down_weight" in model.state_dict()
+    _same_tensors(save_checkpoint(model.state_dict(), tmp_path / "int4", config),
+                  save_checkpoint(weights, tmp_path / "reference", config))
+
+
+def test_save_rejects_an_expert_given_twice_and_non_dicts(good, tmp_path):
+    path, config, weights = good
+    model, _ = load_model(path, progress=False)
+    packed, _ = int4.quantize(weights[f"{EXPERT}.weight"], 32)
+    state = {**model.state_dict(), f"{EXPERT}.weight_packed": packed}   # expert 3 also inside the stack
+    with pytest.raises(CheckpointError, match=rf"{EXPERT}\.weight_packed' is given twice.*experts\.gate_up_packed"):
+        save_checkpoint(state, tmp_path, config)
+    with pytest.raises(TypeError, match="weights must be a Transformer or a state dict, got list"):
+        save_checkpoint(list(weights.values()), tmp_path, config)
+
+
 def test_all_bf16_single_file(tmp_path):
     config = tiny_config(quantization_config=None)
     weights = random_state_dict(config, seed=1)

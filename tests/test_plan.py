@@ -15,18 +15,16 @@ from kimi_engine.model import Transformer
 from kimi_engine.plan import GB, experts_on_busiest_rank, plan, weight_kind
 from kimi_engine.synthetic import tiny_config
 
-from .conftest import SHARED
+from .conftest import FIXTURES, data_file
 
-KIMI_CONFIG = SHARED / "fixtures" / "kimi-k2-thinking" / "config.reconstructed.json"
-needs_fixture = pytest.mark.skipif(not KIMI_CONFIG.is_file(), reason="needs ../shared/fixtures")
+KIMI_CONFIG = FIXTURES / "kimi-k2-thinking" / "config.reconstructed.json"
 
 
 @pytest.fixture(scope="module")
 def kimi():
-    return ModelConfig.from_json(KIMI_CONFIG)
+    return ModelConfig.from_json(data_file(KIMI_CONFIG))
 
 
-@needs_fixture
 def test_kimi_one_gpu_reads_33_gb_per_token(kimi):
     # ARCHITECTURE.md: 594 GB of weights; per token 11.9 GB INT4 experts, 12.3 GB attention,
     # 5.3 GB shared experts, 2.4 GB lm_head, 0.8 GB dense layer; 18.4 GB of KV per 256k sequence.
@@ -39,7 +37,6 @@ def test_kimi_one_gpu_reads_33_gb_per_token(kimi):
     assert not p.fits
 
 
-@needs_fixture
 def test_kimi_on_8_h200_at_256k(kimi):
     p1 = plan(kimi, world_size=1, gpu_memory_gb=141, context=262144)
     p8 = plan(kimi, world_size=8, gpu_memory_gb=141, context=262144)
@@ -80,15 +77,15 @@ def test_plan_counts_what_the_rank_model_holds():
 
 
 def test_plan_command(capsys):
-    if KIMI_CONFIG.is_file():
-        assert main(["plan", "--config", str(KIMI_CONFIG), "--world-size", "8", "--gpu-memory", "141",
-                     "--context", "262144", "--batch", "1"]) == 0
-        out = capsys.readouterr().out
-        assert "fits: yes" in out and "H200 (4.80 TB/s)" in out and "ms/token" in out
-        assert main(["plan", "--config", str(KIMI_CONFIG), "--world-size", "8", "--gpu-memory", "80",
-                     "--context", "262144", "--batch", "1"]) == 0
-        assert "fits: NO" in capsys.readouterr().out
-        assert main(["plan", "--config", str(KIMI_CONFIG), "--world-size", "6", "--gpu-memory", "141",
-                     "--context", "1000"]) == 1
-        assert "num_attention_heads=64 is not divisible by world_size=6" in capsys.readouterr().err
+    config = str(data_file(KIMI_CONFIG))
+    assert main(["plan", "--config", config, "--world-size", "8", "--gpu-memory", "141",
+                 "--context", "262144", "--batch", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "fits: yes" in out and "H200 (4.80 TB/s)" in out and "ms/token" in out
+    assert main(["plan", "--config", config, "--world-size", "8", "--gpu-memory", "80",
+                 "--context", "262144", "--batch", "1"]) == 0
+    assert "fits: NO" in capsys.readouterr().out
+    assert main(["plan", "--config", config, "--world-size", "6", "--gpu-memory", "141",
+                 "--context", "1000"]) == 1
+    assert "num_attention_heads=64 is not divisible by world_size=6" in capsys.readouterr().err
     assert math.isfinite(plan(tiny_config(), 1, 1, 10).floor_seconds(3.35e12))

@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 from kimi_engine.errors import CheckpointError
 from kimi_engine.chat.tokenizer import KIMI_PATTERN, Tokenizer, load_tokenizer
 
-from .tokenizer_helpers import (EXTRA_TEXT, KIMI_PATTERN_REFERENCE, KIMI_SPECIALS, kimi_dir, kimi_vocab,  # noqa: F401
-                               shared_path, tiktoken_reference, write_kimi_dir)
+from .conftest import DATA, FIXTURES, data_file
+from .tokenizer_helpers import (EXTRA_TEXT, KIMI_PATTERN_REFERENCE, KIMI_SPECIALS, SHAKESPEARE_TAIL,  # noqa: F401
+                               kimi_dir, kimi_vocab, tiktoken_reference, write_kimi_dir)
 
 SPECIAL_NAMES = sorted(set(KIMI_SPECIALS.values()))
 # Text pieces that stress the split pattern, special-token matching and UTF-8 boundaries.
@@ -62,7 +63,7 @@ def test_pattern_splits_agree_across_regex_engines(text):
 
 def test_matches_tiktoken_on_a_corpus(tok, ref, kimi_vocab):
     n = len(kimi_vocab)
-    shakespeare = shared_path("data/tinyshakespeare.txt").read_text(encoding="utf-8")[-150_000:]  # not trained on
+    shakespeare = data_file(SHAKESPEARE_TAIL).read_text(encoding="utf-8")  # not trained on
     chat = (f"<|im_system|>system<|im_middle|>You are Kimi.<|im_end|><|im_user|>user<|im_middle|>天气？<|im_end|>"
             f"<|im_assistant|>assistant<|im_middle|><think>hmm</think>ok<|tool_calls_section_begin|><|tool_call_begin|>"
             f"functions.f:0<|tool_call_argument_begin|>{{\"a\": 1}}<|tool_call_end|><|tool_calls_section_end|>[EOS]"
@@ -196,3 +197,14 @@ def test_vocab_without_config_tokens_gets_kimi_defaults(tmp_path):
     path.write_text(json.dumps(config))
     tok = Tokenizer.from_pretrained(tmp_path)
     assert (tok.bos_token, tok.eos_token) == ("[BOS]", "[EOS]")   # tokenization_kimi.py's defaults
+
+
+def test_shipped_test_data_is_there_and_a_missing_file_fails():
+    """The suites read only what ships under tests/ (each file named in its folder's SOURCES.md); a
+    missing file fails the test that needs it instead of skipping it."""
+    for folder in (DATA, FIXTURES / "kimi-k2-thinking"):
+        sources = data_file(folder / "SOURCES.md").read_text(encoding="utf-8")
+        files = [f.name for f in folder.iterdir() if f.name != "SOURCES.md"]
+        assert files and all(f"`{name}`" in sources for name in files), (folder, files)
+    with pytest.raises(pytest.fail.Exception, match="nowhere.txt is missing: it ships with the repository"):
+        data_file(DATA / "nowhere.txt")

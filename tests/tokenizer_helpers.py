@@ -1,4 +1,4 @@
-"""Shared pieces of the tokenizer and chat tests: the shared folder, and a small vocabulary in Kimi's format.
+"""Shared pieces of the tokenizer and chat tests: the shipped test data, and a small vocabulary in Kimi's format.
 
 The vocabulary is a byte-level BPE trained with `tokenizers` on tiny Shakespeare plus Chinese, code,
 emoji and accented text, written as Kimi writes its own: tiktoken.model (base64 bytes + rank) and
@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import SHARED
+from .conftest import DATA, FIXTURES, data_file
 
-FIXTURE_TEMPLATE = "fixtures/kimi-k2-thinking/chat_template.llamacpp-copy.jinja"
+FIXTURE_TEMPLATE = FIXTURES / "kimi-k2-thinking" / "chat_template.llamacpp-copy.jinja"
+SHAKESPEARE_HEAD = DATA / "tinyshakespeare-head.txt"   # the corpus' first 100,000 characters: training text
+SHAKESPEARE_TAIL = DATA / "tinyshakespeare-tail.txt"   # its last 20,021: text no test vocabulary was trained on
 
 # Kimi's pattern as the issue quotes it (tokenization_kimi.py), kept here apart from the library's copy.
 KIMI_PATTERN_REFERENCE = "|".join([
@@ -48,19 +50,15 @@ I'm you're we've they'll she'd IT'S DON'T 12345678 3.14159 1,000,000
 """
 
 
-def shared_path(relative: str) -> Path:
-    """A file under ../shared; skips the test when the shared folder (or the file) is absent."""
-    path = SHARED / relative
-    if not path.exists():
-        pytest.skip(f"{path} not available (the shared folder sits beside the repo)")
-    return path
-
-
-def train_bytes_vocab(vocab_size: int = 2048, shakespeare_chars: int = 300_000) -> list[bytes]:
-    """Token bytes by rank of a byte-level BPE trained on tiny Shakespeare (a prefix) + EXTRA_TEXT."""
+def train_bytes_vocab(vocab_size: int = 2048, shakespeare_chars: int = 100_000) -> list[bytes]:
+    """Token bytes by rank of a byte-level BPE trained on tiny Shakespeare (a prefix of
+    SHAKESPEARE_HEAD) + EXTRA_TEXT."""
     from kimi_engine.chat.tokenizer import train_bpe
 
-    text = shared_path("data/tinyshakespeare.txt").read_text(encoding="utf-8")[:shakespeare_chars]
+    text = data_file(SHAKESPEARE_HEAD).read_text(encoding="utf-8")
+    if shakespeare_chars > len(text):
+        raise ValueError(f"shakespeare_chars={shakespeare_chars}: {SHAKESPEARE_HEAD.name} holds {len(text)}")
+    text = text[:shakespeare_chars]
     return train_bpe([*text.splitlines(keepends=True), *[EXTRA_TEXT] * 20], vocab_size)
 
 

@@ -28,10 +28,11 @@ from .. import ops
 from ..cache import LatentCache
 from ..chat.parser import THINK_BEGIN, THINK_END, StreamParser, parse_assistant
 from ..checkpoint import load_model
-from ..config import ModelConfig
+from ..config import ModelConfig, read_generation_config
 from ..kernels.mla_decode import check_fp8_kv_device
 from ..model import Transformer
 from ..chat.tokenizer import load_tokenizer
+from ..chat.validate import check_messages, check_tools
 from .agent import AgentRun, run_agent
 from .blocks import BlockManager
 from .cuda_graphs import DecodeGraphs, check_not_parallel
@@ -58,7 +59,7 @@ def _mirrored(method):
     of items. Calls made inside a mirrored call (chat -> generate) run as plain calls."""
     @functools.wraps(method)
     def call(self, *args, **kwargs):
-        if self.runner.parallel is None or self._mirror_depth:
+        if self.runner.parallel is None or self._mirror_depth or self._leading:
             return method(self, *args, **kwargs)
         if self.runner.parallel.rank != 0:
             outcome = self.runner.follow()
@@ -127,6 +128,7 @@ class Engine:
         self._cond = threading.Condition()
         self._stepping = False
         self._mirror_depth = 0
+        self._leading = False     # rank 0 alone takes requests (see lead())
         self._grammars = None     # the GrammarCompiler, built on first use
 
     @property
@@ -194,6 +196,8 @@ class Engine:
                 if self._take_step_role(block=False):
                     try:
                         if not any(st.outputs or st.done for st in live):
+                            if not self.scheduler.has_work():
+                                raise RuntimeError("the scheduler went idle with requests unfinished")
                             self._step()
                     finally:
                         self._release_step_role()
@@ -212,14 +216,21 @@ class Engine:
                     finally:
                         self._release_step_role()
 
+    def lead(self) -> None:
+        """Rank 0 of a tensor-parallel engine: from now on rank 0 alone takes requests (a server) and the
+        other ranks run follow(); calls are no longer mirrored, so streams stream."""
+        self._leading = True
+
     def follow(self) -> None:
         """Ranks other than 0 of a tensor-parallel engine: run rank 0's steps until it calls close()."""
-        self.runner.follow()
+        while self.runner.follow() != ("closed", None):
+            pass   # the end of one of rank 0's mirrored calls: keep following
 
     def close(self) -> None:
         """Rank 0 of a tensor-parallel engine: release the ranks in follow(). Elsewhere nothing to do."""
         if self.runner.parallel is not None and self.runner.parallel.rank == 0:
             self.runner.stop_followers(("closed", None))
+            self._leading = False
 
     # ------------------------------------------------------------------------------ low level
     # A private cache driven by hand, apart from the scheduler: what benchmarks and model tests use
@@ -409,6 +420,8 @@ class Engine:
         """The prompt token ids of one assistant turn for OpenAI-format messages and tool schemas."""
         if self.tokenizer is None:
             raise ValueError("chat needs a tokenizer; this checkpoint has none")
+        check_messages(messages)
+        check_tools(tools)
         ids = self.tokenizer.apply_chat_template(messages, tools or None, add_generation_prompt=True)
         if not thinking:  # an empty reasoning block: the model goes straight to the answer
             ids += self.tokenizer.encode(THINK_BEGIN + THINK_END)
@@ -540,7 +553,7 @@ def default_kv_cache_tokens(device: torch.device, bytes_per_token: int, max_batc
 def load(path: str | Path | None = None, device: torch.device | str | None = None, dtype: torch.dtype = torch.bfloat16,
          max_seq_len: int | None = None, max_batch_size: int = 8, progress: bool = True,
          prefill_chunk: int = 2048, kv_fp8: bool = False, parallel=None, cuda_graphs: bool = False,
-         prefix_cache: bool = True, kv_cache_tokens: int | None = None) -> Engine:
+         prefix_cache: bool = True, kv_cache_tokens: int | None = None, threads: int | None = None) -> Engine:
     """Load a checkpoint directory (see checkpoint.py) into an Engine.
 
     device: default CUDA when available, else CPU. dtype: bfloat16, float16 or float32.
@@ -553,6 +566,8 @@ def load(path: str | Path | None = None, device: torch.device | str | None = Non
     parallel: a kimi_engine.parallel.Parallel to load this rank's shard of a tensor/expert-parallel
     model; None: the whole model here. cuda_graphs: decode steps replay CUDA graphs, captured once
     per batch-size bucket (cuda_graphs.py); needs the Triton kernels and INT4 experts.
+    threads (CPU): the threads of the CPU kernels and of torch (default: the CPUs this process may
+    run on); decode steps run torch's small ops on one thread whatever the setting (ops.decode_threads).
     """
     for name, value in (("max_batch_size", max_batch_size), ("prefill_chunk", prefill_chunk)):
         if not _is_int(value) or value < 1:
@@ -562,6 +577,10 @@ def load(path: str | Path | None = None, device: torch.device | str | None = Non
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"dtype={dtype}: must be torch.bfloat16, torch.float16 or torch.float32")
     device = _device(device)
+    if device.type == "cpu":
+        ops.set_threads(threads)
+    elif threads is not None:
+        raise ValueError(f"threads={threads!r}: only for a CPU device")
     if path is None:  # the built-in demo model, shipped as package data (kimi_engine/demo/)
         from ..demo import demo_path
         path = demo_path()
@@ -580,7 +599,7 @@ def load(path: str | Path | None = None, device: torch.device | str | None = Non
     if kv_fp8 and ops.kernel_mode() != "torch":
         check_fp8_kv_device(device)
     tokenizer = load_tokenizer(path)  # first: a broken tokenizer file fails before any weights load
-    defaults = {}
+    defaults = read_generation_config(path)
     model, config = load_model(path, device=device, dtype=dtype, progress=progress, parallel=parallel)
     max_seq_len = max_seq_len or config.max_position_embeddings
     if not 0 < max_seq_len <= config.max_position_embeddings:

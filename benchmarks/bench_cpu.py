@@ -1,0 +1,235 @@
+"""CPU decode and prefill against the memory-bandwidth floor, beside llama.cpp and HF transformers
+on the same weights.
+
+    python benchmarks/bench_cpu.py [--dir DIR] [--threads N] [--rounds 5] [--decode 32] [--prompt 128]
+                                   [--engines kimi-bf16,kimi-fp32,llama-q4exp,llama-q4[,hf-bf16]]
+
+The model: 6 DeepSeek-V3-architecture layers in Kimi K2 Thinking's format (hidden 2048, 16 heads,
+64 INT4 experts of 1024 with top-8, one shared expert, a dense first layer, vocab 32000): ~1.66 GB,
+written once into DIR by the library's streaming writer and reused. The bandwidth floor is the
+bytes a batch-1 decode step must read (every bf16 matrix but the embedding, the 8 touched experts
+of each MoE layer) over the machine's read bandwidth (a multi-threaded sum over 1 GiB, best of 9).
+Engines run round by round (each engine once per round) so that a busy machine slows all of them
+alike; the table gives medians over rounds and the min-max range. Peers (`pip install -e .[peers]`:
+llama-cpp-python, gguf, transformers) are skipped with a message when absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import kimi_engine  # noqa: E402
+from kimi_engine import ops  # noqa: E402
+from kimi_engine.checkpoint import read_headers  # noqa: E402
+from kimi_engine.config import ModelConfig  # noqa: E402
+from kimi_engine.synthetic import kimi_k2_config, write_random_checkpoint  # noqa: E402
+
+ENGINES = ("kimi-bf16", "kimi-fp32", "llama-q4exp", "llama-q4", "hf-bf16")
+# HF holds the experts dequantized (~4 GB more here, ~14 GB resident with every engine loaded): opt in.
+DEFAULT_ENGINES = ENGINES[:4]
+SEED = 0
+
+
+def bench_config() -> ModelConfig:
+    d = kimi_k2_config(6).to_dict()
+    d.update(hidden_size=2048, intermediate_size=2048, moe_intermediate_size=1024, num_attention_heads=16,
+             num_key_value_heads=16, n_routed_experts=64, vocab_size=32000, max_position_embeddings=16384)
+    return ModelConfig.from_dict(d)
+
+
+def checkpoint(root: Path, config: ModelConfig) -> Path:
+    path = root / "ckpt"
+    if (path / "config.json").exists() and ModelConfig.from_json(path / "config.json").to_dict() == config.to_dict():
+        return path
+    print(f"writing the benchmark checkpoint to {path} (streaming; a few minutes)")
+    return write_random_checkpoint(path, config, seed=SEED, max_shard_bytes=512 << 20, progress=True)
+
+
+def decode_bytes(path: Path, config: ModelConfig) -> int:
+    """Bytes a batch-1 decode step reads: all tensors but the embedding table (one row) and the
+    untouched experts (top_k of n_routed_experts per MoE layer)."""
+    total = 0
+    for key, info in read_headers(path).items():
+        n = info.nbytes
+        if key.endswith("embed_tokens.weight"):
+            n = n // config.vocab_size
+        elif ".experts." in key and not key.endswith("weight_shape"):
+            n = n * config.num_experts_per_tok / config.n_routed_experts
+        total += n
+    return int(total)
+
+
+def read_bandwidth(threads: int, nbytes: int = 1 << 30, reps: int = 9) -> tuple[float, float]:
+    """(best, median) GB/s of a float32 sum over nbytes: the best is what the memory system can deliver
+    to reads (other jobs on the machine only ever slow a run down), the median how busy it is."""
+    torch.set_num_threads(threads)
+    x = torch.rand(nbytes // 4)
+    x.sum()
+    rates = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        x.sum()
+        rates.append(nbytes / (time.perf_counter() - t) / 1e9)
+    del x
+    return max(rates), statistics.median(rates)
+
+
+# ------------------------------------------------------------------------------------------ engines
+class Kimi:
+    def __init__(self, path: Path, dtype: torch.dtype, threads: int):
+        self.threads = threads
+        ops.set_threads(threads)
+        self.engine = kimi_engine.load(path, dtype=dtype, device="cpu", progress=False)
+
+    def run(self, prompt: list[int], n: int) -> tuple[float, float]:
+        """(prefill seconds for the prompt, median seconds per decoded token)."""
+        ops.set_threads(self.threads)
+        start, stamps = time.perf_counter(), []
+        for _ in self.engine.generate(prompt, max_new_tokens=n + 1, temperature=0.0, stream=True):
+            stamps.append(time.perf_counter())
+        return stamps[0] - start, statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
+
+
+class LlamaCpp:
+    def __init__(self, gguf: Path, threads: int, n_ctx: int, n_batch: int):
+        from llama_cpp import Llama
+        self.llm = Llama(model_path=str(gguf), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                         n_batch=n_batch, n_ubatch=n_batch, verbose=False)
+
+    def run(self, prompt: list[int], n: int) -> tuple[float, float]:
+        self.llm.reset()
+        start = time.perf_counter()
+        self.llm.eval(prompt)
+        prefill = time.perf_counter() - start
+        gaps = []
+        for i in range(n):   # the logits are computed each step; which token is fed does not change the work
+            t = time.perf_counter()
+            self.llm.eval([(prompt[-1] * 31 + i * 17) % 31000 + 500])
+            gaps.append(time.perf_counter() - t)
+        return prefill, statistics.median(gaps)
+
+
+class HF:
+    def __init__(self, path: Path, config: ModelConfig, threads: int):
+        from hf_cpu import hf_model
+        self.threads = threads
+        self.model = hf_model(path, config, torch.bfloat16)
+
+    @torch.no_grad()
+    def run(self, prompt: list[int], n: int) -> tuple[float, float]:
+        torch.set_num_threads(self.threads)
+        ids = torch.tensor([prompt])
+        start = time.perf_counter()
+        out = self.model(ids, use_cache=True)
+        prefill = time.perf_counter() - start
+        past, tok, gaps = out.past_key_values, out.logits[:, -1:].argmax(-1), []
+        for _ in range(n):
+            t = time.perf_counter()
+            out = self.model(tok, past_key_values=past, use_cache=True)
+            past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            gaps.append(time.perf_counter() - t)
+        return prefill, statistics.median(gaps)
+
+
+def make(name: str, root: Path, path: Path, config: ModelConfig, args):
+    """The engine, or a string saying why it is skipped."""
+    if name == "kimi-bf16":
+        return Kimi(path, torch.bfloat16, args.threads)
+    if name == "kimi-fp32":
+        return Kimi(path, torch.float32, args.threads)
+    if name.startswith("llama"):
+        try:
+            import gguf  # noqa: F401
+            import llama_cpp  # noqa: F401
+        except ImportError as e:
+            return f"skipped: {e.name} is not installed (pip install -e .[peers])"
+        from cpu_gguf import write_gguf
+        experts_only = name == "llama-q4exp"
+        file = root / ("experts-q4_0-rest-bf16.gguf" if experts_only else "all-q4_0.gguf")
+        if not file.exists():
+            print(f"converting to {file}")
+            write_gguf(path, config, file, experts_only)
+        return LlamaCpp(file, args.threads, n_ctx=args.prompt + args.decode + 64, n_batch=args.prompt)
+    if name == "hf-bf16":
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            return "skipped: transformers is not installed (pip install -e .[peers])"
+        return HF(path, config, args.threads)
+    raise ValueError(f"--engines: unknown engine {name!r}; choose from {', '.join(ENGINES)}")
+
+
+# ------------------------------------------------------------------------------------------ main
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "kimi-cpu-bench")
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--decode", type=int, default=32, help="tokens decoded per round (the median step is kept)")
+    p.add_argument("--prompt", type=int, default=128, help="prompt tokens prefilled per round")
+    p.add_argument("--engines", default=",".join(DEFAULT_ENGINES), help=f"comma-separated, of {', '.join(ENGINES)}")
+    args = p.parse_args(argv)
+    for name in ("threads", "rounds", "decode", "prompt"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be positive")
+    args.dir.mkdir(parents=True, exist_ok=True)
+    config = bench_config()
+    path = checkpoint(args.dir, config)
+    step_bytes = decode_bytes(path, config)
+    bw, bw_median = read_bandwidth(args.threads)
+    floor_ms = step_bytes / (bw * 1e9) * 1e3
+    print(f"{os.cpu_count()} CPUs, {args.threads} threads; read bandwidth {bw:.1f} GB/s (best of 9; median {bw_median:.1f}); "
+          f"{step_bytes / 1e6:.0f} MB read per decode token -> floor {floor_ms:.1f} ms ({1e3 / floor_ms:.1f} tok/s)")
+
+    engines = {}
+    for name in args.engines.split(","):
+        got = make(name.strip(), args.dir, path, config, args)
+        if isinstance(got, str):
+            print(f"{name}: {got}")
+        else:
+            got.run(list(range(500, 508)), 2)   # warm-up: first-call conversions, page faults of mmapped weights
+            engines[name.strip()] = got
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(500, config.vocab_size - 500, (args.prompt,), generator=g).tolist()
+    results: dict[str, list[tuple[float, float]]] = {n: [] for n in engines}
+    for r in range(args.rounds):
+        for name, engine in engines.items():
+            results[name].append(engine.run(prompt, args.decode))
+            gc.collect()
+        print(f"round {r + 1}: " + ", ".join(f"{n} {1 / v[-1][1]:.1f}" for n, v in results.items()) + " tok/s")
+        bw = max(bw, read_bandwidth(args.threads)[0])   # sampled again each round: the best seen is the machine's
+    floor_ms = step_bytes / (bw * 1e9) * 1e3
+    report(results, args, floor_ms, step_bytes, bw)
+
+
+def report(results, args, floor_ms: float, step_bytes: int, bw: float) -> None:
+    def med(v):
+        return statistics.median(v)
+    decode = {n: [1 / s for _, s in v] for n, v in results.items()}
+    prefill = {n: [args.prompt / p for p, _ in v] for n, v in results.items()}
+    base = "llama-q4exp" if "llama-q4exp" in results else None
+    print(f"\n| engine ({args.threads} threads) | decode tok/s median (range) | ms/token | GB/s | % of floor "
+          f"| vs llama.cpp same bits | prefill tok/s ({args.prompt} tokens) | prefill vs llama.cpp same bits |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for n in results:
+        d, pf = med(decode[n]), med(prefill[n])
+        ratio = f"{d / med(decode[base]):.2f}x" if base else "-"
+        pratio = f"{pf / med(prefill[base]):.2f}x" if base else "-"
+        print(f"| {n} | {d:.1f} ({min(decode[n]):.1f}-{max(decode[n]):.1f}) | {1e3 / d:.1f} | "
+              f"{step_bytes * d / 1e9:.1f} | {100 * floor_ms * d / 1e3:.0f}% | {ratio} | {pf:.1f} | {pratio} |")
+    print(f"\nfloor: {step_bytes / 1e6:.0f} MB/token at {bw:.1f} GB/s = {floor_ms:.1f} ms; "
+          f"llama.cpp decodes fed token ids (its logits computed every step), kimi-engine greedy.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""When the CPU kernels (cpu.py) take an op, and the bf16 weights they read in a float32 model.
+
+The kernels read bf16 and INT4 weights and compute in float32 whatever the activation dtype. A
+model loaded with dtype=float32 holds its dense weights as float32 copies of the checkpoint's bf16:
+read as such, a decode step would move twice the bytes. So the first call with such a weight
+checks that it is exactly bf16 (it is, when it came from a bf16 checkpoint), keeps a bf16 copy
+(tied to the weight's identity and version, like cpu_int4's converted weights) and reads that: the
+same bytes as a bf16 model, the same float32 arithmetic. Memory: +50% of the dense weights; load
+with dtype=bfloat16 to avoid it (the kernels' results are float32-accurate either way, bf16 only
+rounds the activations between ops). A float32 weight that is not exactly bf16 runs through torch.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from . import cpu
+
+ACT_DTYPES = cpu.ACT_DTYPES
+# bf16 activations with more rows than this (prefill) go to torch's bf16 GEMM (oneDNN, AVX512-BF16),
+# measured 137-178 GFLOP/s at 128-512 rows on 2 cores against ~50 here; float32 ones always stay here
+# (torch's float32 GEMM: 37-51 GFLOP/s, on weights twice the size).
+MAX_BF16_ROWS = 64
+
+# id(weight) -> ((id, data_ptr, version), bf16 copy or None when the weight is not exactly bf16)
+_bf16: dict[int, tuple[tuple, torch.Tensor | None]] = {}
+
+
+def _state(t: torch.Tensor) -> tuple:
+    return id(t), t.data_ptr(), 0 if t.is_inference() else t._version
+
+
+def _acts_ok(x: torch.Tensor) -> bool:
+    return (x.device.type == "cpu" and x.dtype in ACT_DTYPES and not (torch.is_grad_enabled() and x.requires_grad)
+            and cpu.available())
+
+
+def bf16_weight(w: torch.Tensor) -> torch.Tensor | None:
+    """w itself if bf16; for float32, its exact bf16 copy (cached) or None if it has none."""
+    if w.dtype == torch.bfloat16:
+        return w if w.is_contiguous() else None
+    if w.dtype != torch.float32 or w.requires_grad and torch.is_grad_enabled():
+        return None
+    key = _state(w)
+    hit = _bf16.get(id(w))
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    if hit is None:
+        weakref.finalize(w, _bf16.pop, id(w), None)
+    copy = w.detach().to(torch.bfloat16).contiguous()
+    exact = bool(torch.equal(copy.float(), w))
+    _bf16[id(w)] = (key, copy if exact else None)
+    return copy if exact else None
+
+
+def dense_rows_ok(x: torch.Tensor) -> bool:
+    return _acts_ok(x) and (x.dtype == torch.float32 or x.reshape(-1, x.shape[-1]).shape[0] <= MAX_BF16_ROWS)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    """x [..., K] @ weight [N, K].T on the kernels, or None where they do not take it."""
+    if weight.device.type != "cpu" or weight.dim() != 2 or not dense_rows_ok(x):
+        return None
+    w = bf16_weight(weight)
+    if w is None:
+        return None
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    return cpu.linear_bf16(x2, w).view(*x.shape[:-1], w.shape[0])
+
+
+def mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor | None:
+    """down(silu(gate(x)) * up(x)) on the kernels (one call), or None where they do not take it."""
+    if not dense_rows_ok(x):
+        return None
+    ws = [bf16_weight(w) for w in (gate, up, down)]
+    if any(w is None for w in ws):
+        return None
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    return cpu.mlp_bf16(x2, *ws).view_as(x)
+
+
+def int4_ok(x: torch.Tensor, *weights: tuple[torch.Tensor, torch.Tensor]) -> bool:
+    """Whether x @ each INT4 (packed [..., N, K/8], scale [..., N, K/G]) runs on the kernels."""
+    if not _acts_ok(x):
+        return False
+    for packed, scale in weights:
+        K = packed.shape[-1] * 8
+        if (packed.device.type != "cpu" or scale.dtype != torch.bfloat16 or packed.dtype != torch.int32
+                or scale.shape[-1] == 0 or not cpu.int4_supported(K, K // scale.shape[-1])
+                or not packed.is_contiguous() or not scale.is_contiguous()):
+            return False
+    return True
+
+
+def mla_heads(x: torch.Tensor, kv_b: torch.Tensor, n_heads: int, first_row: int, n_rows: int,
+              transposed: bool) -> torch.Tensor | None:
+    """Absorbed MLA's per-head products (cpu.heads_bf16) on x [B, S, H, *], or None where not taken."""
+    if kv_b.device.type != "cpu" or not dense_rows_ok(x.flatten(0, 1)):
+        return None
+    w = bf16_weight(kv_b)
+    if w is None:
+        return None
+    x3 = x.reshape(-1, *x.shape[2:]).contiguous()
+    return cpu.heads_bf16(x3, w, n_heads, first_row, n_rows, transposed).view(*x.shape[:2], n_heads, -1)

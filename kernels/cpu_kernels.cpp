@@ -1,0 +1,605 @@
+// CPU decode kernels for kimi-engine: bf16 and INT4 (Kimi's pack-quantized layout) matmuls with
+// float32 activations and accumulation, a fused SiLU-gated MLP, and a fused routed-expert MoE.
+// Plain C ABI, no torch headers (builds in a second or two; loaded with ctypes by cpu.py).
+// Weights are read once per call whatever the number of rows; the activations are rearranged
+// once per call so that each weight vector unpacks with one or two instructions.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#if !defined(__AVX512F__) || !defined(__AVX512BW__) || !defined(__AVX512VL__)
+#error "kimi-engine CPU kernels need AVX-512 F/BW/VL"
+#endif
+
+namespace {
+
+// ------------------------------------------------------------------------------------ thread pool
+// The caller works too, and a job is finished when all of its tasks are done, not when every
+// thread has arrived: a worker the OS has descheduled (a shared machine) delays a job by at most
+// the one task it holds, where a barrier would wait for it to be scheduled again. Tasks are
+// claimed from one 64-bit word (generation | task count | next task), so a worker that wakes late
+// can never claim a task of a newer job under an older job's count.
+constexpr int kTaskBits = 20;
+constexpr uint64_t kTaskMask = (uint64_t(1) << kTaskBits) - 1;
+std::atomic<int> g_spin_micros{50};   // a worker spins this long for the next job, then sleeps (kt_set_spin)
+
+using TaskFn = void (*)(void*, int);
+
+class Pool {
+ public:
+  ~Pool() { resize(1); }
+
+  void resize(int n) {
+    n = std::max(1, n);
+    std::lock_guard<std::mutex> one_job(run_mu_);   // not while a job runs
+    if (n == int(workers_.size()) + 1) return;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    for (auto& t : workers_) t.join();
+    workers_.clear();
+    stop_ = false;
+    for (int i = 1; i < n; ++i) workers_.emplace_back([this] { loop(); });
+  }
+
+  int threads() const { return int(workers_.size()) + 1; }
+
+  void run(int tasks, TaskFn fn, void* ctx) {
+    if (tasks <= 0) return;
+    // ctypes drops the GIL around these calls: two Python threads may get here at once. (A task
+    // never starts a job of its own, so this cannot deadlock.)
+    std::lock_guard<std::mutex> one_job(run_mu_);
+    if (workers_.empty() || tasks == 1) {
+      for (int i = 0; i < tasks; ++i) fn(ctx, i);
+      return;
+    }
+    fn_ = fn;
+    ctx_ = ctx;
+    done_.store(0, std::memory_order_relaxed);
+    uint64_t gen = (gen_.load() + 1) & kTaskMask;
+    state_.store((gen << (2 * kTaskBits)) | (uint64_t(tasks) << kTaskBits), std::memory_order_release);
+    gen_.store(gen);
+    if (sleepers_.load() > 0) {
+      { std::lock_guard<std::mutex> lock(mu_); }
+      cv_.notify_all();
+    }
+    work(gen);
+    while (done_.load(std::memory_order_acquire) < tasks) _mm_pause();
+  }
+
+ private:
+  void work(uint64_t gen) {
+    for (;;) {
+      uint64_t v = state_.load(std::memory_order_acquire);
+      uint64_t total = (v >> kTaskBits) & kTaskMask, next = v & kTaskMask;
+      if ((v >> (2 * kTaskBits)) != gen || next >= total) return;
+      if (!state_.compare_exchange_weak(v, v + 1, std::memory_order_acq_rel)) continue;
+      fn_(ctx_, int(next));   // the job cannot end (and fn_ change) before this task is counted done
+      done_.fetch_add(1, std::memory_order_release);
+    }
+  }
+
+  void loop() {
+    uint64_t seen = gen_.load();
+    for (;;) {
+      auto start = std::chrono::steady_clock::now();
+      for (int spin = 0; gen_.load() == seen && !stop_; ++spin) {
+        _mm_pause();
+        if ((spin & 255) == 0 && std::chrono::steady_clock::now() - start > std::chrono::microseconds(g_spin_micros.load(std::memory_order_relaxed))) {
+          std::unique_lock<std::mutex> lock(mu_);
+          sleepers_.fetch_add(1);
+          cv_.wait(lock, [&] { return gen_.load() != seen || stop_; });
+          sleepers_.fetch_sub(1);
+        }
+      }
+      if (stop_) return;
+      seen = gen_.load();
+      work(seen);
+    }
+  }
+
+  std::vector<std::thread> workers_;
+  std::atomic<uint64_t> state_{0}, gen_{0};
+  std::atomic<int> done_{0}, sleepers_{0};
+  TaskFn fn_ = nullptr;
+  void* ctx_ = nullptr;
+  std::mutex mu_, run_mu_;
+  std::condition_variable cv_;
+  std::atomic<bool> stop_{false};
+};
+
+Pool& pool() {
+  static Pool p;
+  return p;
+}
+
+template <class F>
+void parallel(int tasks, F& f) {
+  pool().run(tasks, [](void* c, int i) { (*static_cast<F*>(c))(i); }, &f);
+}
+
+// ------------------------------------------------------------------------------------ conversions
+inline float bf16_to_float(uint16_t h) {
+  uint32_t u = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t float_to_bf16(float f) {   // round to nearest even, as torch rounds
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffff) > 0x7f800000) return uint16_t((u >> 16) | 0x40);   // NaN stays NaN
+  return uint16_t((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+}
+
+inline float load_act(const void* x, bool bf16, int64_t i) {
+  return bf16 ? bf16_to_float(static_cast<const uint16_t*>(x)[i]) : static_cast<const float*>(x)[i];
+}
+
+inline void store_act(void* y, bool bf16, int64_t i, float v) {
+  if (bf16) static_cast<uint16_t*>(y)[i] = float_to_bf16(v);
+  else static_cast<float*>(y)[i] = v;
+}
+
+// ------------------------------------------------------------------------------------ bf16 weights
+// A 512-bit load holds 32 bf16 weights as 16 (even, odd) pairs: shifting left by 16 gives the even
+// ones as float32, masking the low half gives the odd ones. The activations are stored per 32
+// columns as their 16 even then their 16 odd values to match (BF16_BLOCK floats, zero padded).
+constexpr int BF16_BLOCK = 32;
+
+inline int64_t bf16_blocks(int64_t K) { return (K + BF16_BLOCK - 1) / BF16_BLOCK; }
+
+void bf16_prepare_row(const void* x, bool bf16, int64_t K, float* out) {
+  int64_t nb = bf16_blocks(K);
+  std::memset(out, 0, sizeof(float) * nb * BF16_BLOCK);
+  for (int64_t k = 0; k < K; ++k) out[(k / 32) * 32 + (k & 1) * 16 + (k % 32) / 2] = load_act(x, bf16, k);
+}
+
+// out[r][m] = dot(x row m, weight row r) for NR weight rows (stride w_stride) and MR activation rows.
+template <int NR, int MR>
+inline void bf16_tile(const float* const* xs, const uint16_t* w, int64_t w_stride, int64_t K, float out[NR][MR]) {
+  __m512 acc[NR][MR][2];
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MR; ++m) acc[r][m][0] = acc[r][m][1] = _mm512_setzero_ps();
+  const __m512i hi_mask = _mm512_set1_epi32(int(0xffff0000u));
+  int64_t nb = bf16_blocks(K);
+  for (int64_t b = 0; b < nb; ++b) {
+    int64_t left = K - b * BF16_BLOCK;
+    __mmask32 mask = left >= 32 ? ~__mmask32(0) : __mmask32((uint64_t(1) << left) - 1);
+    __m512 xe[MR], xo[MR];
+    for (int m = 0; m < MR; ++m) {
+      xe[m] = _mm512_loadu_ps(xs[m] + b * BF16_BLOCK);
+      xo[m] = _mm512_loadu_ps(xs[m] + b * BF16_BLOCK + 16);
+    }
+    for (int r = 0; r < NR; ++r) {
+      __m512i v = _mm512_maskz_loadu_epi16(mask, w + r * w_stride + b * BF16_BLOCK);
+      __m512 we = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+      __m512 wo = _mm512_castsi512_ps(_mm512_and_si512(v, hi_mask));
+      for (int m = 0; m < MR; ++m) {
+        acc[r][m][0] = _mm512_fmadd_ps(we, xe[m], acc[r][m][0]);
+        acc[r][m][1] = _mm512_fmadd_ps(wo, xo[m], acc[r][m][1]);
+      }
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MR; ++m) out[r][m] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][m][0], acc[r][m][1]));
+}
+
+// ------------------------------------------------------------------------------------ INT4 weights
+// Kimi's layout: int32 word c/8 of a row holds columns c..c+7 as 4-bit nibbles (q + 8), one bf16
+// scale per G columns. A 512-bit load is 16 words = 128 columns. Prepared activations take 512
+// bytes per 128 columns (INT4_BLOCK), in the order the unpacking below produces the weights.
+constexpr int INT4_BLOCK = 128;
+
+inline int64_t int4_blocks(int64_t K) { return (K + INT4_BLOCK - 1) / INT4_BLOCK; }
+
+struct Int4Layout {
+  int64_t K, G;           // columns, group size (32, 64, 128 or a multiple of 128)
+  __m512i lane_group;     // group of float lane i within a block, relative to the block's first group
+  int per_block;          // scales a block spans
+  bool split;             // float32 activations (the vpermps tile), else bf16 (the vdpbf16ps tile)
+};
+
+inline Int4Layout int4_layout(int64_t K, int64_t G, bool split) {
+  Int4Layout l{K, G, _mm512_setzero_si512(), 1, split};
+  if (G < INT4_BLOCK) {
+    alignas(64) int32_t idx[16];
+    for (int i = 0; i < 16; ++i) idx[i] = int32_t(8 * i / G);   // both unpackings: float lane i covers columns of group 8i/G
+    l.lane_group = _mm512_load_si512(idx);
+    l.per_block = int(INT4_BLOCK / G);
+  }
+  return l;
+}
+
+// Scales of NR rows for block b, as one float per lane.
+inline __m512 int4_scales(const uint16_t* s, int64_t b, const Int4Layout& L) {
+  int64_t g0 = b * INT4_BLOCK / L.G, ns = std::min<int64_t>(L.per_block, L.K / L.G - g0);
+  __m256i s16 = _mm256_maskz_loadu_epi16(__mmask16((1u << ns) - 1), s + g0);
+  return _mm512_permutexvar_ps(L.lane_group, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(s16), 16)));
+}
+
+inline __mmask16 int4_word_mask(int64_t K, int64_t b) {
+  int64_t words = std::min<int64_t>(16, (K - b * INT4_BLOCK) / 8);
+  return words >= 16 ? __mmask16(0xffff) : __mmask16((1u << words) - 1);
+}
+
+#ifdef __AVX512BF16__
+// vdpbf16ps multiplies 32 bf16 pairs per instruction. 16-bit lane L of the 64 loaded bytes holds
+// columns 4L..4L+3; vpermw with a 32-entry table (bf16(n - 8), twice) turns the low nibble of every
+// lane into bf16(q), reading only the low 5 bits of each index, so shifting the lanes by 4, 8, 12
+// gives the other three: vector j holds column 4L + j in lane L. Float lane i of the products sums
+// lanes 2i, 2i+1, i.e. columns of word i, one group. Activations bf16 (bf16 inputs only: it would
+// round float32 ones), column 4L + j of a block at 32j + L (int4_position).
+inline int64_t int4_position(int64_t c) { return (c % 4) * 32 + c / 4; }
+
+inline void int4_put_bh(float* row, int64_t k, float v) {
+  reinterpret_cast<uint16_t*>(row + (k / INT4_BLOCK) * INT4_BLOCK)[int4_position(k % INT4_BLOCK)] = float_to_bf16(v);
+}
+
+inline __m512bh as_bh(__m512i v) { return reinterpret_cast<__m512bh&>(v); }
+
+template <int NR, int MR>
+inline void int4_tile_bh(const float* const* xs, const int32_t* w, const uint16_t* s, int64_t w_stride,
+                         int64_t s_stride, const Int4Layout& L, float out[NR][MR]) {
+  alignas(64) static const uint16_t table_words[32] = {
+      0xc100, 0xc0e0, 0xc0c0, 0xc0a0, 0xc080, 0xc040, 0xc000, 0xbf80, 0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0,
+      0xc100, 0xc0e0, 0xc0c0, 0xc0a0, 0xc080, 0xc040, 0xc000, 0xbf80, 0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0};
+  const __m512i table = _mm512_load_si512(table_words);
+  __m512 acc[NR][MR];
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MR; ++m) acc[r][m] = _mm512_setzero_ps();
+  int64_t nb = int4_blocks(L.K);
+  for (int64_t b = 0; b < nb; ++b) {
+    __mmask16 wmask = int4_word_mask(L.K, b);
+    for (int r = 0; r < NR; ++r) {
+      __m512i v = _mm512_maskz_loadu_epi32(wmask, w + r * w_stride + b * 16);
+      __m512i q[4] = {_mm512_permutexvar_epi16(v, table), _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), table),
+                      _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 8), table),
+                      _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 12), table)};
+      __m512 sv = int4_scales(s + r * s_stride, b, L);
+      for (int m = 0; m < MR; ++m) {
+        const uint16_t* xb = reinterpret_cast<const uint16_t*>(xs[m] + b * INT4_BLOCK);
+        // Two independent chains: vdpbf16ps has a latency of several cycles.
+        __m512 t0 = _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(q[0]), as_bh(_mm512_loadu_si512(xb)));
+        __m512 t1 = _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(q[1]), as_bh(_mm512_loadu_si512(xb + 32)));
+        t0 = _mm512_dpbf16_ps(t0, as_bh(q[2]), as_bh(_mm512_loadu_si512(xb + 64)));
+        t1 = _mm512_dpbf16_ps(t1, as_bh(q[3]), as_bh(_mm512_loadu_si512(xb + 96)));
+        acc[r][m] = _mm512_fmadd_ps(_mm512_add_ps(t0, t1), sv, acc[r][m]);
+      }
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MR; ++m) out[r][m] = _mm512_reduce_add_ps(acc[r][m]);
+}
+#endif
+
+// float32 activations (and every input without AVX512-BF16): lane i of (words >> 4j) holds column 8i + j in its low nibble, and vpermps
+// with a 16-entry table turns a nibble into q as a float (it reads only the low 4 bits of each
+// index); activations float32, column 8i + j of a block at 16j + i. A lane's 8 columns share a group.
+inline void int4_put_ps(float* row, int64_t k, float v) {
+  int64_t c = k % INT4_BLOCK;
+  row[(k / INT4_BLOCK) * INT4_BLOCK + (c % 8) * 16 + c / 8] = v;
+}
+
+template <int NR, int MR>
+inline void int4_tile_ps(const float* const* xs, const int32_t* w, const uint16_t* s, int64_t w_stride,
+                         int64_t s_stride, const Int4Layout& L, float out[NR][MR]) {
+  const __m512 table = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+  __m512 acc[NR][MR];
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MR; ++m) acc[r][m] = _mm512_setzero_ps();
+  int64_t nb = int4_blocks(L.K);
+  for (int64_t b = 0; b < nb; ++b) {
+    __mmask16 wmask = int4_word_mask(L.K, b);
+    __m512i wv[NR];
+    __m512 sv[NR], t[NR][MR];
+    for (int r = 0; r < NR; ++r) {
+      wv[r] = _mm512_maskz_loadu_epi32(wmask, w + r * w_stride + b * 16);
+      sv[r] = int4_scales(s + r * s_stride, b, L);
+      for (int m = 0; m < MR; ++m) t[r][m] = _mm512_setzero_ps();
+    }
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) {
+      __m512 xj[MR];
+      for (int m = 0; m < MR; ++m) xj[m] = _mm512_loadu_ps(xs[m] + b * INT4_BLOCK + 16 * j);
+      for (int r = 0; r < NR; ++r) {
+        __m512 q = _mm512_permutexvar_ps(wv[r], table);
+        wv[r] = _mm512_srli_epi32(wv[r], 4);   // the next nibble down
+        for (int m = 0; m < MR; ++m) t[r][m] = _mm512_fmadd_ps(q, xj[m], t[r][m]);
+      }
+    }
+    for (int r = 0; r < NR; ++r)
+      for (int m = 0; m < MR; ++m) acc[r][m] = _mm512_fmadd_ps(t[r][m], sv[r], acc[r][m]);
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MR; ++m) out[r][m] = _mm512_reduce_add_ps(acc[r][m]);
+}
+
+// Column k of a prepared row; which layout follows the tile that will read it.
+inline void int4_put(float* row, int64_t k, float v, bool fp32) {
+#ifdef __AVX512BF16__
+  if (!fp32) return int4_put_bh(row, k, v);
+#endif
+  int4_put_ps(row, k, v);
+}
+
+template <int NR, int MR>
+inline void int4_tile(const float* const* xs, const int32_t* w, const uint16_t* s, int64_t w_stride,
+                      int64_t s_stride, const Int4Layout& L, float out[NR][MR]) {
+#ifdef __AVX512BF16__
+  if (!L.split) return int4_tile_bh<NR, MR>(xs, w, s, w_stride, s_stride, L, out);
+#endif
+  int4_tile_ps<NR, MR>(xs, w, s, w_stride, s_stride, L, out);
+}
+
+void int4_prepare_row(const void* x, bool bf16, int64_t K, float* out) {
+  std::memset(out, 0, sizeof(float) * int4_blocks(K) * INT4_BLOCK);
+  for (int64_t k = 0; k < K; ++k) int4_put(out, k, load_act(x, bf16, k), !bf16);
+}
+
+// ------------------------------------------------------------------------------------ row blocking
+// Weight rows go 4 at a time against one activation row, or 1 at a time against 4 activation rows:
+// either way 4 independent FMA chains, and each weight vector is unpacked once for up to 4 rows.
+constexpr int ROWS_PER_TASK = 32;   // weight rows per task: 32-64 KB of weights, ~10 us
+
+// emit(r, m, value) for weight rows [n0, n1) x activation rows [0, M) (xs[m] prepared rows).
+template <class Tile1x4, class Tile4x1, class Tile1x1, class Emit>
+inline void rows_times_acts(int64_t n0, int64_t n1, int64_t M, const float* const* xs, Tile1x4 t14,
+                            Tile4x1 t41, Tile1x1 t11, Emit emit) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4)
+    for (int64_t n = n0; n < n1; ++n) {
+      float o[1][4];
+      t14(n, xs + m, o);
+      for (int i = 0; i < 4; ++i) emit(n, m + i, o[0][i]);
+    }
+  for (; m < M; ++m) {
+    int64_t n = n0;
+    for (; n + 4 <= n1; n += 4) {
+      float o[4][1];
+      t41(n, xs + m, o);
+      for (int i = 0; i < 4; ++i) emit(n + i, m, o[i][0]);
+    }
+    for (; n < n1; ++n) {
+      float o[1][1];
+      t11(n, xs + m, o);
+      emit(n, m, o[0][0]);
+    }
+  }
+}
+
+struct Bf16Weight {
+  const uint16_t* w;
+  int64_t K;
+  template <class Emit>
+  void apply(int64_t n0, int64_t n1, int64_t M, const float* const* xs, Emit emit) const {
+    rows_times_acts(
+        n0, n1, M, xs, [&](int64_t n, const float* const* x, float o[1][4]) { bf16_tile<1, 4>(x, w + n * K, K, K, o); },
+        [&](int64_t n, const float* const* x, float o[4][1]) { bf16_tile<4, 1>(x, w + n * K, K, K, o); },
+        [&](int64_t n, const float* const* x, float o[1][1]) { bf16_tile<1, 1>(x, w + n * K, K, K, o); }, emit);
+  }
+  static int64_t row_floats(int64_t K) { return bf16_blocks(K) * BF16_BLOCK; }
+  static void prepare(const void* x, bool bf16, int64_t K, float* out) { bf16_prepare_row(x, bf16, K, out); }
+};
+
+struct Int4Weight {
+  const int32_t* w;
+  const uint16_t* s;
+  Int4Layout L;
+  template <class Emit>
+  void apply(int64_t n0, int64_t n1, int64_t M, const float* const* xs, Emit emit) const {
+    int64_t ws = L.K / 8, ss = L.K / L.G;
+    rows_times_acts(
+        n0, n1, M, xs,
+        [&](int64_t n, const float* const* x, float o[1][4]) { int4_tile<1, 4>(x, w + n * ws, s + n * ss, ws, ss, L, o); },
+        [&](int64_t n, const float* const* x, float o[4][1]) { int4_tile<4, 1>(x, w + n * ws, s + n * ss, ws, ss, L, o); },
+        [&](int64_t n, const float* const* x, float o[1][1]) { int4_tile<1, 1>(x, w + n * ws, s + n * ss, ws, ss, L, o); },
+        emit);
+  }
+  static int64_t row_floats(int64_t K) { return int4_blocks(K) * INT4_BLOCK; }
+  static void prepare(const void* x, bool bf16, int64_t K, float* out) { int4_prepare_row(x, bf16, K, out); }
+};
+
+// Activation rows [M, K] (float32 or bf16) -> prepared rows, in parallel when there are many.
+template <class W>
+std::vector<const float*> prepare_rows(const void* x, bool bf16, int64_t M, int64_t K, std::vector<float>& buf) {
+  int64_t rf = W::row_floats(K);
+  buf.resize(size_t(M * rf));
+  std::vector<const float*> rows(static_cast<size_t>(M));
+  size_t esize = bf16 ? 2 : 4;
+  auto f = [&](int m) { W::prepare(static_cast<const char*>(x) + m * K * esize, bf16, K, buf.data() + m * rf); };
+  if (M >= 16) parallel(int(M), f);
+  else for (int m = 0; m < M; ++m) f(m);
+  for (int64_t m = 0; m < M; ++m) rows[m] = buf.data() + m * rf;
+  return rows;
+}
+
+template <class W>
+void linear(const W& weight, const void* x, bool x_bf16, int64_t M, int64_t K, int64_t N, void* y, bool y_bf16) {
+  std::vector<float> buf;
+  auto rows = prepare_rows<W>(x, x_bf16, M, K, buf);
+  int tasks = int((N + ROWS_PER_TASK - 1) / ROWS_PER_TASK);
+  auto f = [&](int t) {
+    int64_t n0 = int64_t(t) * ROWS_PER_TASK, n1 = std::min<int64_t>(N, n0 + ROWS_PER_TASK);
+    weight.apply(n0, n1, M, rows.data(), [&](int64_t n, int64_t m, float v) { store_act(y, y_bf16, m * N + n, v); });
+  };
+  parallel(tasks, f);
+}
+
+inline float silu(float g) { return g / (1.0f + std::exp(-g)); }
+
+}  // namespace
+
+// ------------------------------------------------------------------------------------ C ABI
+// All matrices are contiguous, row-major; a dtype flag says whether an activation is bf16 (else
+// float32). Shapes are checked by the Python wrappers, which own every pointer passed here.
+extern "C" {
+
+int kt_version() { return 1; }
+
+void kt_set_threads(int n) { pool().resize(n); }
+
+void kt_set_spin(int micros) { g_spin_micros.store(std::max(0, micros)); }
+
+int kt_get_threads() { return pool().threads(); }
+
+// y [M, N] = x [M, K] @ w[N, K]^T, w bf16.
+void kt_linear_bf16(const void* x, int x_bf16, int64_t M, int64_t K, const uint16_t* w, int64_t N, void* y, int y_bf16) {
+  linear(Bf16Weight{w, K}, x, x_bf16, M, K, N, y, y_bf16);
+}
+
+// y [M, N] = x [M, K] @ W^T with W INT4: packed int32 [N, K/8], scales bf16 [N, K/G].
+void kt_linear_int4(const void* x, int x_bf16, int64_t M, int64_t K, const int32_t* packed, const uint16_t* scale,
+                    int64_t G, int64_t N, void* y, int y_bf16) {
+  linear(Int4Weight{packed, scale, int4_layout(K, G, !x_bf16)}, x, x_bf16, M, K, N, y, y_bf16);
+}
+
+// y [M, D] = down(silu(gate(x)) * up(x)), all bf16 weights: gate, up [I, D], down [D, I].
+void kt_mlp_bf16(const void* x, int x_bf16, int64_t M, int64_t D, int64_t I, const uint16_t* gate, const uint16_t* up,
+                 const uint16_t* down, void* y, int y_bf16) {
+  std::vector<float> xbuf, hbuf(size_t(M * Bf16Weight::row_floats(I)), 0.0f);
+  auto rows = prepare_rows<Bf16Weight>(x, x_bf16, M, D, xbuf);
+  int64_t hf = Bf16Weight::row_floats(I);
+  std::vector<float> g(size_t(M * I));
+  int tasks = int((I + ROWS_PER_TASK - 1) / ROWS_PER_TASK);
+  auto f1 = [&](int t) {
+    int64_t n0 = int64_t(t) * ROWS_PER_TASK, n1 = std::min<int64_t>(I, n0 + ROWS_PER_TASK);
+    Bf16Weight{gate, D}.apply(n0, n1, M, rows.data(), [&](int64_t n, int64_t m, float v) { g[m * I + n] = v; });
+    Bf16Weight{up, D}.apply(n0, n1, M, rows.data(), [&](int64_t n, int64_t m, float v) {
+      hbuf[m * hf + (n / 32) * 32 + (n & 1) * 16 + (n % 32) / 2] = silu(g[m * I + n]) * v;
+    });
+  };
+  parallel(tasks, f1);
+  std::vector<const float*> hrows(static_cast<size_t>(M));
+  for (int64_t m = 0; m < M; ++m) hrows[m] = hbuf.data() + m * hf;
+  int tasks2 = int((D + ROWS_PER_TASK - 1) / ROWS_PER_TASK);
+  auto f2 = [&](int t) {
+    int64_t n0 = int64_t(t) * ROWS_PER_TASK, n1 = std::min<int64_t>(D, n0 + ROWS_PER_TASK);
+    Bf16Weight{down, I}.apply(n0, n1, M, hrows.data(), [&](int64_t n, int64_t m, float v) { store_act(y, y_bf16, m * D + n, v); });
+  };
+  parallel(tasks2, f2);
+}
+
+// Per-head matmuls of absorbed MLA attention, bf16 weights w[h * head_stride + r * row_stride + c].
+// transposed = 0: y[m, h, n] = sum_k x[m, h, k] w[h, n, k]   (rows are outputs: o = o_latent @ W_UV^T)
+// transposed = 1: y[m, h, c] = sum_n x[m, h, n] w[h, n, c]   (rows are inputs:  q_latent = q_nope @ W_UK)
+// x [M, H, Kin], y [M, H, Nout].
+constexpr int HEAD_COLS = 128;   // output columns per task of the transposed form: 8 float32 accumulators
+
+void kt_heads_bf16(const void* x, int x_bf16, int64_t M, int64_t H, int64_t Kin, const uint16_t* w, int64_t head_stride,
+                   int64_t row_stride, int64_t Nout, int transposed, void* y, int y_bf16) {
+  if (!transposed) {
+    std::vector<float> buf;
+    auto rows = prepare_rows<Bf16Weight>(x, x_bf16, M * H, Kin, buf);   // row m * H + h
+    int64_t blocks = (Nout + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
+    auto f = [&](int t) {
+      int64_t h = t / blocks, n0 = (t % blocks) * ROWS_PER_TASK, n1 = std::min<int64_t>(Nout, n0 + ROWS_PER_TASK);
+      const uint16_t* wh = w + h * head_stride;
+      std::vector<const float*> xs(static_cast<size_t>(M));
+      for (int64_t m = 0; m < M; ++m) xs[size_t(m)] = rows[size_t(m * H + h)];
+      rows_times_acts(
+          n0, n1, M, xs.data(),
+          [&](int64_t n, const float* const* xr, float o[1][4]) { bf16_tile<1, 4>(xr, wh + n * row_stride, row_stride, Kin, o); },
+          [&](int64_t n, const float* const* xr, float o[4][1]) { bf16_tile<4, 1>(xr, wh + n * row_stride, row_stride, Kin, o); },
+          [&](int64_t n, const float* const* xr, float o[1][1]) { bf16_tile<1, 1>(xr, wh + n * row_stride, row_stride, Kin, o); },
+          [&](int64_t n, int64_t m, float v) { store_act(y, y_bf16, (m * H + h) * Nout + n, v); });
+    };
+    parallel(int(H * blocks), f);
+    return;
+  }
+  int64_t blocks = (Nout + HEAD_COLS - 1) / HEAD_COLS;
+  auto f = [&](int t) {
+    int64_t h = t / blocks, c0 = (t % blocks) * HEAD_COLS, cols = std::min<int64_t>(HEAD_COLS, Nout - c0);
+    const uint16_t* wh = w + h * head_stride + c0;
+    for (int64_t m = 0; m < M; ++m) {
+      __m512 acc[HEAD_COLS / 16];
+      for (auto& a : acc) a = _mm512_setzero_ps();
+      for (int64_t n = 0; n < Kin; ++n) {
+        __m512 xv = _mm512_set1_ps(load_act(x, x_bf16, (m * H + h) * Kin + n));
+        const uint16_t* wr = wh + n * row_stride;
+        for (int i = 0; i < HEAD_COLS / 16; ++i) {
+          int64_t left = cols - 16 * i;
+          if (left <= 0) break;
+          __mmask16 mask = left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1);
+          __m256i v = _mm256_maskz_loadu_epi16(mask, wr + 16 * i);
+          __m512 wf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+          acc[i] = _mm512_fmadd_ps(xv, wf, acc[i]);
+        }
+      }
+      alignas(64) float out[HEAD_COLS];
+      for (int i = 0; i < HEAD_COLS / 16; ++i) _mm512_store_ps(out + 16 * i, acc[i]);
+      for (int64_t c = 0; c < cols; ++c) store_act(y, y_bf16, (m * H + h) * Nout + c0 + c, out[c]);
+    }
+  };
+  parallel(int(H * blocks), f);
+}
+
+// Routed INT4 experts: y [T, D] = sum_k weights[t, k] * expert_{ids[t, k]}(x[t]); ids of -1 skip.
+// gate_up packed [E, 2I, D/8] + scales [E, 2I, D/G] (rows :I gate, I: up), down [E, D, I/8] + [E, D, I/G].
+// Each touched expert's weights are read once, for all of its tokens.
+void kt_moe_int4(const void* x, int x_bf16, int64_t T, int64_t D, int64_t I, int64_t E, int64_t G,
+                 const int32_t* gu_packed, const uint16_t* gu_scale, const int32_t* dn_packed, const uint16_t* dn_scale,
+                 const int32_t* ids, const float* weights, int64_t K, void* y, int y_bf16) {
+  // (token, slot) pairs grouped by expert, in token order.
+  std::vector<std::vector<int64_t>> by_expert(static_cast<size_t>(E));
+  for (int64_t p = 0; p < T * K; ++p)
+    if (ids[p] >= 0 && ids[p] < E) by_expert[size_t(ids[p])].push_back(p);
+  std::vector<int64_t> active;
+  for (int64_t e = 0; e < E; ++e)
+    if (!by_expert[size_t(e)].empty()) active.push_back(e);
+
+  std::vector<float> xbuf;
+  auto rows = prepare_rows<Int4Weight>(x, x_bf16, T, D, xbuf);
+  const Int4Layout Ld = int4_layout(D, G, !x_bf16), Li = int4_layout(I, G, !x_bf16);
+  const int64_t hf = Int4Weight::row_floats(I);
+  std::vector<float> h(size_t(T * K * hf), 0.0f), gbuf(size_t(T * K * I));   // per pair: silu(gate) * up
+
+  // Phase 1: gate and up of every active expert, tasks over (expert, block of I rows).
+  const int64_t iblocks = (I + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
+  auto f1 = [&](int t) {
+    int64_t e = active[size_t(t / iblocks)], n0 = (t % iblocks) * ROWS_PER_TASK;
+    int64_t n1 = std::min<int64_t>(I, n0 + ROWS_PER_TASK);
+    const auto& pairs = by_expert[size_t(e)];
+    std::vector<const float*> xs(pairs.size());
+    for (size_t i = 0; i < pairs.size(); ++i) xs[i] = rows[size_t(pairs[i] / K)];
+    const int32_t* gw = gu_packed + e * 2 * I * (D / 8);
+    const uint16_t* gs = gu_scale + e * 2 * I * (D / G);
+    int64_t M = int64_t(pairs.size());
+    Int4Weight{gw, gs, Ld}.apply(n0, n1, M, xs.data(), [&](int64_t n, int64_t m, float v) { gbuf[pairs[m] * I + n] = v; });
+    Int4Weight{gw + I * (D / 8), gs + I * (D / G), Ld}.apply(n0, n1, M, xs.data(), [&](int64_t n, int64_t m, float v) {
+      int4_put(h.data() + pairs[m] * hf, n, silu(gbuf[pairs[m] * I + n]) * v, !x_bf16);
+    });
+  };
+  parallel(int(active.size() * iblocks), f1);
+
+  // Phase 2: down, tasks over blocks of D rows, each summing every expert into its own rows.
+  std::vector<float> acc(size_t(T * D), 0.0f);
+  auto f2 = [&](int t) {
+    int64_t n0 = int64_t(t) * ROWS_PER_TASK, n1 = std::min<int64_t>(D, n0 + ROWS_PER_TASK);
+    for (int64_t e : active) {
+      const auto& pairs = by_expert[size_t(e)];
+      std::vector<const float*> hs(pairs.size());
+      for (size_t i = 0; i < pairs.size(); ++i) hs[i] = h.data() + pairs[i] * hf;
+      Int4Weight{dn_packed + e * D * (I / 8), dn_scale + e * D * (I / G), Li}.apply(
+          n0, n1, int64_t(pairs.size()), hs.data(),
+          [&](int64_t n, int64_t m, float v) { acc[(pairs[m] / K) * D + n] += weights[pairs[m]] * v; });
+    }
+    for (int64_t tok = 0; tok < T; ++tok)
+      for (int64_t n = n0; n < n1; ++n) store_act(y, y_bf16, tok * D + n, acc[tok * D + n]);
+  };
+  parallel(int((D + ROWS_PER_TASK - 1) / ROWS_PER_TASK), f2);
+}
+
+}  // extern "C"

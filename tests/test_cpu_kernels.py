@@ -1,0 +1,204 @@
+"""The CPU kernels (kernels/cpu.py, cpu_kernels.cpp) against their references, the model on them against the
+reference path, the fallback where they cannot build, and the threading policy.
+
+Tolerances: float32 activations: the kernels compute in float32 with another summation order, so 1e-5 of
+the largest output (a few float32 ulps of the sums). bf16 activations: the output is rounded to bf16 once
+(2^-8 relative) where the reference also rounds its dequantized weights and intermediate products, so
+2e-2 of the largest output.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kimi_engine
+from kimi_engine import ops
+from kimi_engine.int4 import dequantize, quantize
+from kimi_engine.kernels import cpu
+from kimi_engine.kernels.moe import fused_moe_ref
+from kimi_engine.synthetic import tiny_config, write_random_checkpoint
+
+pytestmark = pytest.mark.skipif(not cpu.available(), reason=f"CPU kernels unavailable: {cpu.unavailable_reason()}")
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def close(out, ref, dtype):
+    assert out.dtype == dtype
+    out, ref = out.float(), ref.float()
+    torch.testing.assert_close(out, ref, rtol=TOL[dtype], atol=TOL[dtype] * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,N,K", [(1, 48, 40), (3, 33, 64), (5, 7, 200), (9, 130, 96), (1, 257, 1056)])
+def test_linear_bf16(M, N, K, dtype):
+    g = torch.Generator().manual_seed(M * N + K)
+    w = (torch.randn(N, K, generator=g) * K ** -0.5).bfloat16()
+    x = torch.randn(M, K, generator=g).to(dtype)
+    close(cpu.linear_bf16(x, w), F.linear(x.float(), w.float()), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,N,K,G", [(1, 48, 64, 32), (3, 33, 96, 32), (5, 7, 256, 64), (6, 17, 384, 128),
+                                     (2, 8, 512, 256), (4, 5, 160, 32)])
+def test_linear_int4(M, N, K, G, dtype):
+    g = torch.Generator().manual_seed(M * N + K)
+    packed, scale = quantize(torch.randn(N, K, generator=g) * K ** -0.5, G)
+    x = torch.randn(M, K, generator=g).to(dtype)
+    close(cpu.linear_int4(x, packed, scale), F.linear(x.float(), dequantize(packed, scale)), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,D,I", [(1, 64, 40), (6, 96, 72)])
+def test_mlp_bf16(M, D, I, dtype):
+    g = torch.Generator().manual_seed(M + D)
+    gate, up = [(torch.randn(I, D, generator=g) * D ** -0.5).bfloat16() for _ in range(2)]
+    down = (torch.randn(D, I, generator=g) * I ** -0.5).bfloat16()
+    x = torch.randn(M, D, generator=g).to(dtype)
+    ref = F.linear(F.silu(F.linear(x.float(), gate.float())) * F.linear(x.float(), up.float()), down.float())
+    close(cpu.mlp_bf16(x, gate, up, down), ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,H,N,V,C", [(1, 3, 16, 8, 40), (2, 4, 24, 16, 160)])
+def test_absorbed_mla_heads(M, H, N, V, C, dtype):
+    g = torch.Generator().manual_seed(M * H + C)
+    kv_b = (torch.randn(H * (N + V), C, generator=g) * C ** -0.5).bfloat16()
+    w = kv_b.float().view(H, N + V, C)
+    q_nope = torch.randn(M, H, N, generator=g).to(dtype)
+    latent = torch.randn(M, H, C, generator=g).to(dtype)
+    close(cpu.heads_bf16(q_nope, kv_b, H, 0, N, transposed=True),
+          torch.einsum("mhn,hnc->mhc", q_nope.float(), w[:, :N]), dtype)
+    close(cpu.heads_bf16(latent, kv_b, H, N, V, transposed=False),
+          torch.einsum("mhc,hvc->mhv", latent.float(), w[:, N:]), dtype)
+    with pytest.raises(ValueError, match=f"n_heads={H}"):   # rows past a head's block
+        cpu.heads_bf16(latent, kv_b, H, N, V + 1, transposed=False)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,K", [(1, 3), (11, 3), (40, 2)])
+def test_moe_int4(T, K, dtype):
+    g = torch.Generator().manual_seed(T)
+    E, D, I = 8, 96, 64
+    gate_up = quantize(torch.randn(E, 2 * I, D, generator=g) * D ** -0.5)
+    down = quantize(torch.randn(E, D, I, generator=g) * I ** -0.5)
+    x = torch.randn(T, D, generator=g).to(dtype)
+    ids = torch.stack([torch.randperm(E - 2, generator=g)[:K] for _ in range(T)]).int()   # two idle experts
+    ids[0, 1] = -1                                      # another rank's expert: contributes nothing
+    weights = torch.rand(T, K, generator=g)
+    ref = fused_moe_ref(x.float(), *gate_up, *down, weights, ids)
+    close(cpu.moe_int4(x, *gate_up, *down, weights, ids), ref, dtype)
+
+
+def test_wrappers_name_bad_arguments():
+    w = torch.randn(8, 32).bfloat16()
+    with pytest.raises(ValueError, match=r"expected \[M, 32\]"):
+        cpu.linear_bf16(torch.randn(2, 16), w)
+    with pytest.raises(ValueError, match="weight"):
+        cpu.linear_bf16(torch.randn(2, 32), w.float())
+    with pytest.raises(ValueError, match="float32/bfloat16"):
+        cpu.linear_bf16(torch.randn(2, 32).half(), w)
+    packed, scale = quantize(torch.randn(8, 48), 16)
+    with pytest.raises(ValueError, match="group size 16"):
+        cpu.linear_int4(torch.randn(1, 48), packed, scale)
+    with pytest.raises(ValueError, match="threads=0"):
+        cpu.set_threads(0)
+
+
+def test_thread_counts_agree():
+    g = torch.Generator().manual_seed(3)
+    packed, scale = quantize(torch.randn(300, 256, generator=g))
+    x = torch.randn(3, 256, generator=g)
+    before = cpu.get_threads()
+    try:
+        outs = []
+        for n in (1, 2, 3):
+            cpu.set_threads(n)
+            assert cpu.get_threads() == n
+            outs.append(cpu.linear_int4(x, packed, scale))
+    finally:
+        cpu.set_threads(before)
+    for out in outs[1:]:   # each output is one task's sum, whichever thread ran it: identical
+        assert torch.equal(out, outs[0])
+
+
+# ------------------------------------------------------------------------------------------ the model
+# Odd sizes: hidden 96 (not a multiple of the kernels' 128-column INT4 block), dense intermediate 72,
+# 3 heads, vocab 301, experts of 64.
+ODD = dict(hidden_size=96, intermediate_size=72, moe_intermediate_size=64, vocab_size=301, num_attention_heads=3)
+
+
+@pytest.fixture(scope="module")
+def odd_checkpoint(tmp_path_factory):
+    return write_random_checkpoint(tmp_path_factory.mktemp("odd"), tiny_config(**ODD), seed=2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_model_on_kernels_matches_reference(odd_checkpoint, dtype, monkeypatch):
+    engine = kimi_engine.load(odd_checkpoint, dtype=dtype, device="cpu", progress=False)
+    ids = [3, 17, 42, 7, 99, 5, 250, 11, 64]
+    calls = {"moe": 0, "linear": 0}
+
+    def counting(name, fn):
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapped
+    monkeypatch.setenv(ops.KERNELS_ENV, "torch")
+    ref, ref_one, ref_tokens = engine.logits(ids), engine.logits(ids[:1]), engine.greedy([1, 2, 3, 4], 8)
+    monkeypatch.setenv(ops.KERNELS_ENV, "auto")
+    monkeypatch.setattr(cpu, "moe_int4", counting("moe", cpu.moe_int4))
+    monkeypatch.setattr(cpu, "linear_bf16", counting("linear", cpu.linear_bf16))
+    out, out_one, tokens = engine.logits(ids), engine.logits(ids[:1]), engine.greedy([1, 2, 3, 4], 8)
+    assert calls["moe"] > 0 and calls["linear"] > 0          # the kernels did run
+    bound = 1e-4 if dtype == torch.float32 else 3e-2          # relative to the logits' norm
+    for a, b in [(out, ref), (out_one, ref_one)]:
+        assert ((a - b).norm() / b.norm()).item() < bound
+    assert tokens == ref_tokens
+
+
+def test_fallback_when_the_build_fails(odd_checkpoint, monkeypatch, tmp_path):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("KIMI_ENGINE_CACHE", str(tmp_path / "cache"))   # nothing built there yet
+    cpu.reset()
+    try:
+        with pytest.warns(RuntimeWarning, match="no-such-compiler"):
+            assert not cpu.available()
+        assert "no-such-compiler" in cpu.unavailable_reason()
+        engine = kimi_engine.load(odd_checkpoint, dtype=torch.float32, device="cpu", progress=False)
+        ids = [3, 17, 42, 7]
+        out, tokens = engine.logits(ids), engine.greedy([1, 2, 3, 4], 4)   # torch's paths
+        monkeypatch.setenv(ops.KERNELS_ENV, "torch")
+        torch.testing.assert_close(out, engine.logits(ids), rtol=1e-4, atol=1e-4)
+        assert tokens == engine.greedy([1, 2, 3, 4], 4)
+    finally:
+        monkeypatch.undo()
+        cpu.reset()
+    assert cpu.available()
+
+
+def test_switched_off_by_env(monkeypatch):
+    monkeypatch.setenv(cpu.ENV_SWITCH, "0")
+    cpu.reset()
+    try:
+        assert not cpu.available() and cpu.ENV_SWITCH in cpu.unavailable_reason()
+        assert not ops.use_cpu_kernels(torch.zeros(1, 64), quantize(torch.randn(32, 64)))
+    finally:
+        monkeypatch.undo()
+        cpu.reset()
+
+
+def test_decode_steps_run_torch_on_one_thread(monkeypatch):
+    seen = []
+    before = torch.get_num_threads()
+    ops.set_threads(2)
+    try:
+        with ops.decode_threads(torch.zeros(3, 1, dtype=torch.long)):   # one new token per sequence
+            seen.append(torch.get_num_threads())
+        with ops.decode_threads(torch.zeros(1, 5, dtype=torch.long)):   # a prompt keeps every thread
+            seen.append(torch.get_num_threads())
+        assert seen == [1, 2] and torch.get_num_threads() == 2 and cpu.get_threads() == 2
+        with pytest.raises(ValueError, match="threads=0"):
+            ops.set_threads(0)
+    finally:
+        torch.set_num_threads(before)
