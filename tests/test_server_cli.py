@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -84,8 +85,8 @@ def _rank0_child(launcher: int) -> int | None:
 
 def test_serve_under_torchrun_world_size_2():
     from kimi_engine.runtime.engine import Engine
-    if not hasattr(Engine, "follow"):
-        pytest.skip("this engine has no follow() yet (the scheduler)")
+    if not hasattr(Engine, "lead"):
+        pytest.skip("this engine has no lead()/follow() yet (the scheduler)")
     port, master = _free_port(), _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
@@ -106,6 +107,15 @@ def test_serve_under_torchrun_world_size_2():
         r = httpx.post(url + "/v1/chat/completions", timeout=120, json={
             "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "seed": 1})
         assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("stop", "length"), r.text
+
+        def streamed(prompt):   # two at once: they share batches, and stream token by token
+            with httpx.stream("POST", url + "/v1/completions", timeout=120, json={
+                    "prompt": prompt, "max_tokens": 8, "temperature": 0, "stream": True}) as s:
+                return [line for line in s.iter_lines() if line.startswith("data: ")]
+        with ThreadPoolExecutor(2) as pool:
+            streams = list(pool.map(streamed, ["ROMEO:", "JULIET:"]))
+        for lines in streams:
+            assert lines[-1] == "data: [DONE]" and len(lines) >= 3
         rank0 = _rank0_child(proc.pid)
         assert rank0 is not None
         os.kill(rank0, signal.SIGTERM)       # rank 0 drains and closes the engine, which releases rank 1

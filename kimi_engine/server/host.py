@@ -8,10 +8,10 @@ from another thread while it runs. Cancelling a stream (client gone, server stop
 that the thread reads after the next item, then it closes the iterator, which aborts the request in
 the engine and frees its slot and blocks; that is at most one decode step after the disconnect.
 
-Two kinds of engine are not safe to call from many threads at once, and their calls are serialized by
-a lock (concurrent requests then queue here instead of sharing batches): one without a scheduler (no
-num_running), and a tensor-parallel one, whose calls are mirrored to the other ranks one at a time
-(engine._mirrored: each call runs to its end on rank 0, then releases the followers).
+An engine without a scheduler (no num_running) is not safe to call from many threads at once: its
+calls are serialized by a lock (concurrent requests then queue here instead of sharing batches). A
+tensor-parallel engine is called only on rank 0, after engine.lead() (serve's loader calls it), so its
+calls are not mirrored call by call and share batches like a single-process engine's.
 """
 
 from __future__ import annotations
@@ -151,9 +151,7 @@ class EngineHost:
         self.streams: set[EngineStream] = set()
 
     def set_engine(self, engine) -> None:
-        parallel = getattr(getattr(engine, "runner", None), "parallel", None)
-        serialize = not hasattr(engine, "num_running") or (parallel is not None and parallel.world_size > 1)
-        self.lock = threading.Lock() if serialize else None
+        self.lock = None if hasattr(engine, "num_running") else threading.Lock()
         self.engine = engine
 
     @property

@@ -59,23 +59,6 @@ def load_kwargs(args, accepted) -> dict:
     return out
 
 
-def follow_until_closed(engine) -> None:
-    """A rank other than 0: run rank 0's steps until rank 0 closes the engine.
-
-    engine.follow() returns at the end of each call rank 0 makes (its calls are mirrored one by one),
-    not only at close(); the runner's follow() says which: ("closed", None) is close(), anything else
-    (a call's result or error, already answered by rank 0) means: follow the next call.
-    """
-    runner = getattr(engine, "runner", None)
-    if runner is None:            # an engine whose follow() itself lasts until close()
-        engine.follow()
-        return
-    while True:
-        outcome = runner.follow()
-        if outcome is None or outcome[0] == "closed":
-            return
-
-
 def serve(args, load_engine: Callable[..., object]) -> int:
     """Serve until SIGTERM/SIGINT. load_engine(**kwargs) loads the engine (on this rank's share under
     torchrun). Rank 0 serves HTTP and schedules; every other rank follows rank 0's steps until it closes."""
@@ -89,14 +72,14 @@ def serve(args, load_engine: Callable[..., object]) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     kwargs = load_kwargs(args, inspect.signature(engine_module.load).parameters)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not hasattr(engine_module.Engine, "follow"):
-        raise ValueError("serving under torchrun needs an engine with follow(); this build has none")
+    if world > 1 and not all(hasattr(engine_module.Engine, m) for m in ("lead", "follow")):
+        raise ValueError("serving under torchrun needs an engine with lead() and follow(); this build has none")
     if rank != 0:
         # torchrun hands SIGTERM/SIGINT to every rank: a follower leaves only when rank 0, having drained,
         # closes the engine (leaving earlier would hang rank 0's next collective).
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: None)
-        follow_until_closed(load_engine(**kwargs))
+        load_engine(**kwargs).follow()      # rank 0's steps, until rank 0 closes the engine
         return 0
     api_key = args.api_key or os.environ.get("KIMI_ENGINE_API_KEY") or None
     name = args.served_model_name or (Path(args.model).name if args.model else DEMO_NAME)
@@ -115,6 +98,8 @@ def serve(args, load_engine: Callable[..., object]) -> int:
         # The first forward pass pays one-time costs (INT4 weight conversion, allocator growth, kernel
         # compiles): a few tokens here, so that /health says 200 only once a request runs at full speed.
         engine = load_engine(**kwargs)
+        if world > 1:
+            engine.lead()   # rank 0 alone takes requests now: calls stream, and run side by side, unmirrored
         prompt = [engine.config.bos_token_id or 0] * 8
         engine.generate(prompt, max_new_tokens=2, temperature=0.0)
         return engine
