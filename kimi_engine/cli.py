@@ -275,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                    help="auto: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="CPU threads (default: the CPUs this process may run on)")
     add_serve_arguments(p)
     args = parser.parse_args(argv)
     try:
