@@ -430,21 +430,22 @@ class Engine:
     @_mirrored
     def chat(self, messages: list[dict], tools: list[dict] | None = None, tool_choice="auto", response_format=None,
              thinking: bool = True, stream: bool = False, n: int = 1, aggregate: bool = False,
-             max_new_tokens: int | None = None, **sampling):
+             max_new_tokens: int | None = None, parallel_tool_calls: bool = True, **sampling):
         """One assistant turn for OpenAI-format messages (and tool schemas) -> an assistant message
         {"role", "content", "reasoning_content", "tool_calls"} (plus "finish_reason" and "usage").
 
         thinking=False closes the reasoning block in the prompt, so the model answers directly.
         tool_choice ("auto", "none", "required", or {"type": "function", "function": {"name": ...}})
         and response_format ({"type": "json_object"} / {"type": "json_schema", ...}) constrain the
-        turn (runtime/grammar.py). stream=True yields {"reasoning_content": ...}, {"content": ...},
+        turn (runtime/grammar.py); parallel_tool_calls=False allows one call a turn under a grammar.
+        stream=True yields {"reasoning_content": ...}, {"content": ...},
         {"tool_calls": [...]} deltas (each call once complete), {"logprobs": [...]} when asked, and
         last {"finish_reason", "usage"}. n > 1 returns n messages from one prefill ("heavy mode");
         with aggregate=True the model then combines them into one answer, returned with "drafts".
         sampling: generate's arguments (temperature, top_p, top_k, min_p, seed, logprobs, ...).
         """
         prompt = self.chat_prompt(messages, tools, thinking)
-        constraint = self._chat_grammar(tools, tool_choice, response_format, thinking, messages)
+        constraint = self._chat_grammar(tools, tool_choice, response_format, thinking, messages, parallel_tool_calls)
         if max_new_tokens is None:
             max_new_tokens = self.generation_defaults.get("max_new_tokens", 4096)
         for key in ("json_schema", "regex", "grammar"):
@@ -461,17 +462,17 @@ class Engine:
         if not aggregate:
             return drafts
         combined = self.chat(messages + [{"role": "user", "content": aggregation_request(drafts)}], tools, thinking=thinking,
-                             max_new_tokens=max_new_tokens, **sampling)
+                             max_new_tokens=max_new_tokens, parallel_tool_calls=parallel_tool_calls, **sampling)
         return {**combined, "drafts": drafts}
 
-    def _chat_grammar(self, tools, tool_choice, response_format, thinking, messages):
+    def _chat_grammar(self, tools, tool_choice, response_format, thinking, messages, parallel_tool_calls=True):
         """The grammar a chat turn must follow, or None when nothing constrains it."""
         strict = any(isinstance(t, dict) and (t.get("function") or {}).get("strict") for t in tools or [])
         if tool_choice in ("auto", None) and not strict and response_format in (None, {"type": "text"}):
             return None
         earlier_calls = sum(len(m.get("tool_calls") or []) for m in messages if isinstance(m, dict))
         return self._grammar(tools=tools, tool_choice=tool_choice, response_format=response_format,
-                             thinking=thinking, first_call_index=earlier_calls)
+                             thinking=thinking, first_call_index=earlier_calls, parallel_tool_calls=parallel_tool_calls)
 
     @staticmethod
     def _stream_chat(deltas: Iterator[Delta], thinking: bool) -> Iterator[dict]:

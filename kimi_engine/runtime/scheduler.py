@@ -364,11 +364,13 @@ class Scheduler:
             self.states.pop(state.request.request_id, None)
 
     def _logprob(self, logits: torch.Tensor, token: int, top: int) -> dict:
+        """{"token_id", "token", "logprob", "top_logprobs": [the `top` likeliest, same keys]} of the distribution
+        sampled from (after logits processors and grammar masks, before temperature)."""
         logp = torch.log_softmax(logits.float(), -1)
-        entry = {"token_id": token, "logprob": float(logp[token])}
-        if top:
-            values, ids = logp.topk(top)
-            entry["top_logprobs"] = [{"token_id": int(i), "logprob": float(v)} for v, i in zip(values, ids)]
-        else:
-            entry["top_logprobs"] = []
-        return entry
+        values, ids = logp.topk(top) if top else (torch.empty(0), torch.empty(0, dtype=torch.long))
+
+        def entry(i: int, value: float) -> dict:
+            text = self.tokenizer.decode([i]) if self.tokenizer is not None else None
+            return {"token_id": i, "token": text, "logprob": value}
+        return {**entry(token, float(logp[token])),
+                "top_logprobs": [entry(int(i), float(v)) for v, i in zip(values, ids)]}

@@ -55,28 +55,20 @@ def chat_arguments(state: ServerState, body: ChatCompletionRequest) -> dict:
         raise ApiError(400, f"n={body.n}: at most max_batch_size={engine.max_batch_size}", "n")
     kwargs = {"tools": tools, "thinking": body.chat_template_kwargs.thinking if body.chat_template_kwargs else True}
     if choice not in (None, "auto"):
-        _require(state, "chat", "tool_choice", "tool_choice")
         kwargs["tool_choice"] = choice
     if body.response_format is not None and body.response_format.type != "text":
-        _require(state, "chat", "response_format", "response_format")
         kwargs["response_format"] = body.response_format.model_dump(by_alias=True, exclude_none=True)
-    if body.parallel_tool_calls is not None and state.accepts("chat", "parallel_tool_calls"):
-        kwargs["parallel_tool_calls"] = body.parallel_tool_calls   # else the reply keeps only the first call
+    if body.parallel_tool_calls is not None:
+        kwargs["parallel_tool_calls"] = body.parallel_tool_calls
     max_tokens = body.max_completion_tokens or body.max_tokens
     sampling = {"temperature": body.temperature, "top_p": body.top_p, "min_p": body.min_p,
                 "top_k": 0 if body.top_k == -1 else body.top_k, "repetition_penalty": body.repetition_penalty,
                 "stop": body.stops, "max_new_tokens": max_tokens}
     if body.logprobs:
-        _require(state, "generate", "logprobs", "logprobs")
         sampling["logprobs"] = body.top_logprobs or 0
     # None: the checkpoint's generation_config default, which the engine applies when the argument is absent.
     kwargs.update({k: v for k, v in sampling.items() if v is not None})
     return kwargs
-
-
-def _require(state: ServerState, method: str, argument: str, param: str) -> None:
-    if not state.accepts(method, argument) or (param != "logprobs" and not state.constrained_decoding):
-        raise ApiError(400, f"{param}: not supported by this engine build (engine.{method} has no {argument})", param)
 
 
 async def chat_completions(state: ServerState, body: ChatCompletionRequest, request: Request):

@@ -4,8 +4,6 @@ stream reaches the client (SSE chunks, or one body once it ends)."""
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import inspect
 import json
 import logging
 import re
@@ -34,15 +32,6 @@ class ServerState:
         if model is not None and model != self.model_name:
             raise ApiError(404, f"model {model!r} does not exist; this server serves {self.model_name!r}",
                            "model", "model_not_found")
-
-    @property
-    def constrained_decoding(self) -> bool:
-        """Whether the engine build has its grammar module (tool_choice / response_format need it)."""
-        return importlib.util.find_spec("kimi_engine.runtime.grammar") is not None
-
-    def accepts(self, method: str, argument: str) -> bool:
-        """Whether the engine's `method` takes `argument` (features that land in the engine over time)."""
-        return argument in inspect.signature(getattr(self.host.engine, method)).parameters
 
 
 def render_chat(engine, messages: list[dict], tools: list[dict] | None, thinking: bool) -> list[int]:

@@ -56,8 +56,6 @@ async def completions(state: ServerState, body: CompletionRequest, request: Requ
                 "top_k": 0 if body.top_k == -1 else body.top_k, "repetition_penalty": body.repetition_penalty,
                 "stop": body.stops, "max_new_tokens": body.max_tokens, "seed": body.seed}
     if body.logprobs is not None:
-        if not state.accepts("generate", "logprobs"):
-            raise ApiError(400, "logprobs: not supported by this engine build", "logprobs")
         sampling["logprobs"] = body.logprobs
     kwargs = {k: v for k, v in sampling.items() if v is not None}   # None: generation_config's default
     admission = state.host.admit(len(prompts) * body.n)
