@@ -1,4 +1,4 @@
-"""`kimi-engine serve`: an OpenAI-compatible HTTP server over one engine (see docs/serve.md)."""
+"""`kimi-engine serve`: an OpenAI-compatible HTTP server over one engine (the README says how to run it)."""
 
 from .app import create_app
 
