@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 import os
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -39,7 +38,7 @@ from .cuda_graphs import DecodeGraphs, check_not_parallel
 from .request import Completion, Delta, LogitsProcessor, Request
 from .runner import Prefill, Runner, StepPlan
 from .sampling import SamplingParams
-from .scheduler import RequestState, Scheduler
+from .scheduler import RequestState, Scheduler, SchedulerStats
 
 SAMPLING_DEFAULTS = dict(temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0)
 
@@ -81,17 +80,6 @@ def _mirrored(method):
         finally:
             self._mirror_depth -= 1
     return call
-
-
-@dataclass
-class EngineStats:
-    """Totals since load: tokens prefilled and decoded, prompt tokens served from the prefix cache,
-    blocks evicted from it, sequences preempted."""
-    prefill_tokens: int = 0
-    decode_tokens: int = 0
-    cached_tokens: int = 0
-    evicted_blocks: int = 0
-    preemptions: int = 0
 
 
 class Engine:
@@ -140,9 +128,9 @@ class Engine:
         return self.model.model.norm.weight.dtype
 
     @property
-    def stats(self) -> EngineStats:
-        s = self.scheduler.stats
-        return EngineStats(s.prefill_tokens, s.decode_tokens, s.cached_tokens, s.evicted_blocks, s.preemptions)
+    def stats(self) -> SchedulerStats:
+        """Totals since load: prefill_tokens, decode_tokens, cached_tokens, evicted_blocks, preemptions."""
+        return self.scheduler.stats
 
     @property
     def num_running(self) -> int:
