@@ -3,9 +3,7 @@ apply_chat_template does (render_jinja_template and friends), in jinja2's immuta
 
 from __future__ import annotations
 
-import copy
 import json
-import re
 from collections.abc import Mapping
 from datetime import datetime
 from functools import lru_cache
