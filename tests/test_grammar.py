@@ -424,3 +424,22 @@ def test_constrained_request_gives_the_same_tokens_alone_and_in_a_batch(engine):
     alone = [engine.generate(p, logits_processors=[g.logits_processor()], **kwargs) for p in ("ROMEO:", "JULIET:")]
     batch = engine.generate(["ROMEO:", "JULIET:"], logits_processors=[g.logits_processor()], **kwargs)
     assert [o.token_ids for o in batch] == [o.token_ids for o in alone]
+
+
+def test_objects_that_leave_additional_properties_unsaid_are_closed():
+    from kimi_engine.runtime.grammar import closed_objects
+    schema = {"type": "object", "properties": {"a": {"type": "object", "properties": {"b": {"type": "integer"}}},
+                                               "c": {"type": "array", "items": {"properties": {"d": {}}}},
+                                               "open": {"type": "object", "additionalProperties": True}},
+              "$defs": {"x": {"type": "object", "properties": {}}, "any": {"type": "object"}},
+              "anyOf": [{"type": "object", "properties": {}}],
+              "allOf": [{"type": "object", "properties": {"e": {}}}]}
+    closed = closed_objects(schema)
+    assert closed["properties"]["a"]["additionalProperties"] is False
+    assert closed["properties"]["c"]["items"]["additionalProperties"] is False
+    assert closed["properties"]["open"]["additionalProperties"] is True           # said: kept
+    assert closed["$defs"]["x"]["additionalProperties"] is False
+    assert "additionalProperties" not in closed["$defs"]["any"]                    # any object stays any object
+    assert closed["anyOf"][0]["additionalProperties"] is False
+    assert "additionalProperties" not in closed                                     # it has an allOf
+    assert closed["allOf"] == schema["allOf"] and "additionalProperties" not in schema   # input untouched

@@ -338,6 +338,7 @@ class GrammarCompiler:
 
     def _with_options(self, schema: dict) -> dict:
         # Our JSON options as defaults; a schema's own "x-guidance" (llguidance's key) wins.
+        schema = closed_objects(schema)
         return {**schema, "x-guidance": {**self.json_options, **schema.get("x-guidance", {})}}
 
     def _checked_schema(self, schema: dict, argument: str) -> dict:
@@ -522,6 +523,39 @@ class _Tool(NamedTuple):
     name: str
     parameters: dict
     strict: bool
+
+
+_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "prefixItems")
+_SUBSCHEMAS = ("items", "additionalItems", "not", "if", "then", "else", "contains")
+
+
+def closed_objects(schema):
+    """The schema with every object that lists its properties but leaves additionalProperties unsaid
+    closed to those properties, as OpenAI's strict mode and xgrammar's strict_mode (vLLM's default) read schemas.
+    Left open, a grammar lets the model invent keys after the declared ones, and a model that does
+    not know when to stop (the demo) spends its whole budget inside one; say
+    "additionalProperties": true to allow extra keys. allOf branches are left as written: closing
+    each part of an intersection would forbid the other parts' keys."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {k: closed_objects(v) for k, v in out[key].items()}
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [closed_objects(v) for v in out[key]]
+    for key in _SUBSCHEMAS:
+        if isinstance(out.get(key), dict):
+            out[key] = closed_objects(out[key])
+    if isinstance(out.get("additionalProperties"), dict):
+        out["additionalProperties"] = closed_objects(out["additionalProperties"])
+    # Only objects that list their properties: a bare {"type": "object"} means any object.
+    if "properties" in out and "additionalProperties" not in out and "allOf" not in out \
+            and "patternProperties" not in out:
+        out["additionalProperties"] = False
+    return out
 
 
 def _schema_object(value, argument: str) -> dict:
