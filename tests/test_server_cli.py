@@ -25,6 +25,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+
+def healthy(url: str) -> bool:
+    """Whether the server at url answers /health with 200 (not yet listening counts as not healthy)."""
+    try:
+        return httpx.get(url + "/health", timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
+
 def test_serve_command_exits_cleanly_on_sigterm_mid_stream():
     port = _free_port()
     env = {**os.environ, "KIMI_ENGINE_API_KEY": "k"}
@@ -33,12 +41,7 @@ def test_serve_command_exits_cleanly_on_sigterm_mid_stream():
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url, auth = f"http://127.0.0.1:{port}", {"Authorization": "Bearer k"}
     try:
-        def healthy():
-            try:
-                return httpx.get(url + "/health", timeout=1).status_code == 200
-            except httpx.TransportError:
-                return False
-        assert wait_until(healthy, timeout=120, interval=0.2), proc.stderr.read() if proc.poll() is not None else ""
+        assert wait_until(lambda: healthy(url), timeout=120, interval=0.2), proc.stderr.read() if proc.poll() is not None else ""
         assert httpx.get(url + "/v1/models", headers=auth).json()["data"][0]["id"] == "kimi-engine-demo"
         events: list[str] = []
 
@@ -95,12 +98,7 @@ def test_serve_under_torchrun_world_size_2():
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        def healthy():
-            try:
-                return httpx.get(url + "/health", timeout=1).status_code == 200
-            except httpx.TransportError:
-                return False
-        assert wait_until(healthy, timeout=180, interval=0.25), proc.stderr.read() if proc.poll() is not None else ""
+        assert wait_until(lambda: healthy(url), timeout=180, interval=0.25), proc.stderr.read() if proc.poll() is not None else ""
         r = httpx.post(url + "/v1/completions", timeout=120, json={"prompt": "ROMEO:", "max_tokens": 6,
                                                                    "temperature": 0})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1, r.text

@@ -170,11 +170,7 @@ class BlockManager:
     def _grow(self) -> None:
         old = self.pools.num_blocks
         new = max(old + 1, old + old // 4, 16)
-        if self.max_blocks is not None:
-            new = min(new, self.max_blocks)
-        self.pools.grow(new)
-        self.refcount += [0] * (new - old)
-        self.free_blocks[:0] = range(new - 1, old - 1, -1)   # behind the free ones: pop() takes those first
+        self.reserve(new if self.max_blocks is None else min(new, self.max_blocks))
 
     def reserve(self, num_blocks: int) -> None:
         """Allocate the pools up to num_blocks now (CUDA graphs hold the pools' addresses)."""
@@ -182,7 +178,7 @@ class BlockManager:
         if num_blocks > old:
             self.pools.grow(num_blocks)
             self.refcount += [0] * (num_blocks - old)
-            self.free_blocks[:0] = range(num_blocks - 1, old - 1, -1)
+            self.free_blocks[:0] = range(num_blocks - 1, old - 1, -1)   # behind the free ones: pop() takes those first
 
     # ------------------------------------------------------------------------------ a forward pass
     def prepare(self, seq_ids: list[int], num_new: int, device: torch.device | str | None = None) -> CacheBatch:
