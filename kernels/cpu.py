@@ -57,7 +57,8 @@ import torch
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread"]
 ENV_SWITCH = "KIMI_ENGINE_CPU_KERNELS"   # "0" turns the kernels off
-ABI_VERSION = 1                          # kt_version() of the source this wrapper speaks to
+ABI_VERSION = 2                          # kt_version() of the source this wrapper speaks to
+MLA_MAX_BLOCK = 256                      # cache block sizes kt_mla_decode takes
 INT4_GROUPS = (32, 64, 128)              # group sizes the kernel takes (and multiples of 128)
 
 _lock = threading.Lock()
@@ -126,7 +127,11 @@ def _build() -> ctypes.CDLL:
     lib.kt_mlp_bf16.argtypes = [p, i32, i64, i64, i64, p, p, p, p, i32]
     lib.kt_heads_bf16.argtypes = [p, i32, i64, i64, i64, p, i64, i64, i64, i32, p, i32]
     lib.kt_moe_int4.argtypes = [p, i32, i64, i64, i64, i64, i64, p, p, p, p, p, p, i64, p, i32]
-    for fn in (lib.kt_set_threads, lib.kt_set_spin, lib.kt_linear_bf16, lib.kt_linear_int4, lib.kt_mlp_bf16, lib.kt_heads_bf16, lib.kt_moe_int4):
+    lib.kt_rmsnorm.argtypes = [p, i32, i64, i64, i64, p, i32, ctypes.c_float, p, i32]
+    lib.kt_rope.argtypes = [p, i32, i64, i64, i64, i64, i64, p, p, p]
+    lib.kt_mla_decode.argtypes = [p, p, i32, i64, i64, i64, i64, p, i32, i64, p, i64, p, ctypes.c_float, p, i32]
+    for fn in (lib.kt_set_threads, lib.kt_set_spin, lib.kt_linear_bf16, lib.kt_linear_int4, lib.kt_mlp_bf16,
+               lib.kt_heads_bf16, lib.kt_moe_int4, lib.kt_mla_decode, lib.kt_rmsnorm, lib.kt_rope):
         fn.restype = None
     lib.kt_set_threads(torch.get_num_threads())
     return lib
@@ -290,3 +295,61 @@ def moe_int4(x, gate_up_packed, gate_up_scale, down_packed, down_scale, topk_wei
                           _ptr(gate_up_scale), _ptr(down_packed), _ptr(down_scale), _ptr(ids), _ptr(weights), K,
                           _ptr(y), y.dtype == torch.bfloat16)
     return y
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * round(x * rsqrt(mean(x^2) + eps)) over the last dim, float32 sums, the normalized rows
+    rounded to x's dtype before the scale: x [..., D] (rows may be strided, the last dim not), weight [D]."""
+    D = x.shape[-1]
+    if x.dtype not in ACT_DTYPES or weight.dtype not in ACT_DTYPES or tuple(weight.shape) != (D,):
+        raise ValueError(f"rms_norm: x {x.dtype} {tuple(x.shape)} and weight {weight.dtype} {tuple(weight.shape)} "
+                         "must be float32/bfloat16 [..., D] and [D]")
+    x2 = x.reshape(-1, D)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    w = weight.contiguous()
+    y = torch.empty(x2.shape, dtype=torch.promote_types(x.dtype, weight.dtype))
+    library().kt_rmsnorm(_ptr(x2), x2.dtype == torch.bfloat16, x2.shape[0], D, x2.stride(0), _ptr(w),
+                         w.dtype == torch.bfloat16, float(eps), _ptr(y), y.dtype == torch.bfloat16)
+    return y.view(x.shape)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Interleaved-pair rope as model.apply_rope computes it (float32 math, the same bits): x [T, heads, R]
+    (float32/bf16, strided, the last dim contiguous), cos/sin [T, R/2] float32 -> [T, heads, R] in x's dtype."""
+    T, heads, R = x.shape
+    if x.dtype not in ACT_DTYPES or x.stride(-1) != 1 or R % 2:
+        raise ValueError(f"rope: x must be float32/bfloat16 [T, heads, R] with R even and unit last stride, got "
+                         f"{x.dtype} {tuple(x.shape)} strides {x.stride()}")
+    cos, sin = cos.float().contiguous(), sin.float().contiguous()
+    if tuple(cos.shape) != (T, R // 2) or tuple(sin.shape) != (T, R // 2):
+        raise ValueError(f"rope: cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must be [{T}, {R // 2}]")
+    y = torch.empty(x.shape, dtype=x.dtype)
+    library().kt_rope(_ptr(x), x.dtype == torch.bfloat16, T, heads, R, x.stride(0), x.stride(1), _ptr(cos), _ptr(sin), _ptr(y))
+    return y
+
+
+def mla_decode(q_latent, q_rope, kv_cache, block_table, seq_lens, softmax_scale) -> torch.Tensor:
+    """Absorbed MLA decode attention over the paged latent cache, as mla_decode_ref (float32 sums):
+    q_latent [Q, H, C], q_rope [Q, H, R] (float32 or bf16), kv_cache [blocks, block_size, C + R]
+    (float32 or bf16), block_table [Q, max_blocks] and seq_lens [Q] int32 -> [Q, H, C] in q_latent's dtype."""
+    Q, H, C = q_latent.shape
+    R = q_rope.shape[-1]
+    if tuple(q_rope.shape) != (Q, H, R) or q_rope.dtype != q_latent.dtype or q_latent.dtype not in ACT_DTYPES:
+        raise ValueError(f"mla_decode: q_latent {q_latent.dtype} {tuple(q_latent.shape)} and q_rope {q_rope.dtype} "
+                         f"{tuple(q_rope.shape)} must be float32/bfloat16 [Q, H, C] and [Q, H, R]")
+    if kv_cache.dim() != 3 or kv_cache.shape[-1] != C + R or kv_cache.dtype not in ACT_DTYPES or not kv_cache.is_contiguous():
+        raise ValueError(f"mla_decode: kv_cache must be a contiguous float32/bfloat16 [blocks, block_size, {C + R}], "
+                         f"got {kv_cache.dtype} {tuple(kv_cache.shape)}")
+    if kv_cache.shape[1] > MLA_MAX_BLOCK:
+        raise ValueError(f"mla_decode: block_size {kv_cache.shape[1]} is over the kernel's {MLA_MAX_BLOCK}")
+    table = block_table.to(torch.int32).contiguous()
+    lens = seq_lens.to(torch.int32).contiguous()
+    if table.dim() != 2 or table.shape[0] != Q or tuple(lens.shape) != (Q,):
+        raise ValueError(f"mla_decode: block_table {tuple(table.shape)} and seq_lens {tuple(lens.shape)} do not match {Q} queries")
+    ql, qr = q_latent.contiguous(), q_rope.contiguous()
+    out = torch.empty_like(ql)
+    library().kt_mla_decode(_ptr(ql), _ptr(qr), ql.dtype == torch.bfloat16, Q, H, C, R, _ptr(kv_cache),
+                            kv_cache.dtype == torch.bfloat16, kv_cache.shape[1], _ptr(table), table.shape[1], _ptr(lens),
+                            float(softmax_scale), _ptr(out), out.dtype == torch.bfloat16)
+    return out

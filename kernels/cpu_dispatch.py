@@ -59,15 +59,15 @@ def dense_rows_ok(x: torch.Tensor) -> bool:
     return _acts_ok(x) and (x.dtype == torch.float32 or x.reshape(-1, x.shape[-1]).shape[0] <= MAX_BF16_ROWS)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
-    """x [..., K] @ weight [N, K].T on the kernels, or None where they do not take it."""
+def linear(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor | None:
+    """x [..., K] @ weight [N, K].T (in out_dtype, default x's) on the kernels, or None where they do not take it."""
     if weight.device.type != "cpu" or weight.dim() != 2 or not dense_rows_ok(x):
         return None
     w = bf16_weight(weight)
     if w is None:
         return None
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    return cpu.linear_bf16(x2, w).view(*x.shape[:-1], w.shape[0])
+    return cpu.linear_bf16(x2, w, out_dtype).view(*x.shape[:-1], w.shape[0])
 
 
 def mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor | None:
@@ -104,3 +104,18 @@ def mla_heads(x: torch.Tensor, kv_b: torch.Tensor, n_heads: int, first_row: int,
         return None
     x3 = x.reshape(-1, *x.shape[2:]).contiguous()
     return cpu.heads_bf16(x3, w, n_heads, first_row, n_rows, transposed).view(*x.shape[:2], n_heads, -1)
+
+
+def attention_ok(q_latent: torch.Tensor, kv_cache: torch.Tensor, kv_scale: torch.Tensor | None) -> bool:
+    """Whether absorbed MLA decode attention runs on the kernels (an fp8 cache does not)."""
+    return (kv_scale is None and kv_cache.device.type == "cpu" and kv_cache.dtype in ACT_DTYPES
+            and kv_cache.shape[1] <= cpu.MLA_MAX_BLOCK and kv_cache.is_contiguous() and _acts_ok(q_latent))
+
+
+def rms_norm_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (_acts_ok(x) and weight.device.type == "cpu" and weight.dtype in ACT_DTYPES
+            and not (torch.is_grad_enabled() and weight.requires_grad))
+
+
+def rope_ok(x: torch.Tensor) -> bool:
+    return _acts_ok(x) and x.stride(-1) == 1 and x.shape[-1] % 2 == 0

@@ -14,6 +14,7 @@
 #include <cstring>
 #include <mutex>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #if !defined(__AVX512F__) || !defined(__AVX512BW__) || !defined(__AVX512VL__)
@@ -167,34 +168,50 @@ void bf16_prepare_row(const void* x, bool bf16, int64_t K, float* out) {
   for (int64_t k = 0; k < K; ++k) out[(k / 32) * 32 + (k & 1) * 16 + (k % 32) / 2] = load_act(x, bf16, k);
 }
 
-// out[r][m] = dot(x row m, weight row r) for NR weight rows (stride w_stride) and MR activation rows.
-template <int NR, int MR>
-inline void bf16_tile(const float* const* xs, const uint16_t* w, int64_t w_stride, int64_t K, float out[NR][MR]) {
-  __m512 acc[NR][MR][2];
-  for (int r = 0; r < NR; ++r)
-    for (int m = 0; m < MR; ++m) acc[r][m][0] = acc[r][m][1] = _mm512_setzero_ps();
+// Weight rows are streamed one at a time, front to back, with a software prefetch PREFETCH_BYTES
+// ahead: measured on the 2-core Zen 4 box, rows read 4 at a time (4 streams) or without the prefetch
+// left a core at 60-80% of its DRAM read bandwidth, each task starting new streams cold.
+constexpr int PREFETCH_BYTES = 1024;
+
+inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p) + PREFETCH_BYTES, _MM_HINT_T0); }
+
+// out[m] = dot(x row m, weight row w) for MR activation rows (prepared by bf16_prepare_row).
+template <int MR>
+inline void bf16_row(const float* const* xs, const uint16_t* w, int64_t K, float out[MR]) {
+  constexpr int U = MR <= 2 ? 2 : 1;   // blocks per iteration: enough independent FMA chains for few rows
+  __m512 acc[MR][2 * U];
+  for (int m = 0; m < MR; ++m)
+    for (int i = 0; i < 2 * U; ++i) acc[m][i] = _mm512_setzero_ps();
   const __m512i hi_mask = _mm512_set1_epi32(int(0xffff0000u));
-  int64_t nb = bf16_blocks(K);
-  for (int64_t b = 0; b < nb; ++b) {
-    int64_t left = K - b * BF16_BLOCK;
-    __mmask32 mask = left >= 32 ? ~__mmask32(0) : __mmask32((uint64_t(1) << left) - 1);
-    __m512 xe[MR], xo[MR];
-    for (int m = 0; m < MR; ++m) {
-      xe[m] = _mm512_loadu_ps(xs[m] + b * BF16_BLOCK);
-      xo[m] = _mm512_loadu_ps(xs[m] + b * BF16_BLOCK + 16);
-    }
-    for (int r = 0; r < NR; ++r) {
-      __m512i v = _mm512_maskz_loadu_epi16(mask, w + r * w_stride + b * BF16_BLOCK);
+  const int64_t full = K / BF16_BLOCK, nb = bf16_blocks(K);
+  int64_t b = 0;
+  for (; b + U <= full; b += U)
+    for (int u = 0; u < U; ++u) {
+      prefetch(w + (b + u) * BF16_BLOCK);
+      __m512i v = _mm512_loadu_si512(w + (b + u) * BF16_BLOCK);
       __m512 we = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
       __m512 wo = _mm512_castsi512_ps(_mm512_and_si512(v, hi_mask));
       for (int m = 0; m < MR; ++m) {
-        acc[r][m][0] = _mm512_fmadd_ps(we, xe[m], acc[r][m][0]);
-        acc[r][m][1] = _mm512_fmadd_ps(wo, xo[m], acc[r][m][1]);
+        acc[m][2 * u] = _mm512_fmadd_ps(we, _mm512_loadu_ps(xs[m] + (b + u) * BF16_BLOCK), acc[m][2 * u]);
+        acc[m][2 * u + 1] = _mm512_fmadd_ps(wo, _mm512_loadu_ps(xs[m] + (b + u) * BF16_BLOCK + 16), acc[m][2 * u + 1]);
       }
     }
+  for (; b < nb; ++b) {   // the last blocks: fewer than U, or one partial
+    int64_t left = K - b * BF16_BLOCK;
+    __mmask32 mask = left >= 32 ? ~__mmask32(0) : __mmask32((uint64_t(1) << left) - 1);
+    __m512i v = _mm512_maskz_loadu_epi16(mask, w + b * BF16_BLOCK);
+    __m512 we = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+    __m512 wo = _mm512_castsi512_ps(_mm512_and_si512(v, hi_mask));
+    for (int m = 0; m < MR; ++m) {
+      acc[m][0] = _mm512_fmadd_ps(we, _mm512_loadu_ps(xs[m] + b * BF16_BLOCK), acc[m][0]);
+      acc[m][1] = _mm512_fmadd_ps(wo, _mm512_loadu_ps(xs[m] + b * BF16_BLOCK + 16), acc[m][1]);
+    }
   }
-  for (int r = 0; r < NR; ++r)
-    for (int m = 0; m < MR; ++m) out[r][m] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][m][0], acc[r][m][1]));
+  for (int m = 0; m < MR; ++m) {
+    __m512 t = acc[m][0];
+    for (int i = 1; i < 2 * U; ++i) t = _mm512_add_ps(t, acc[m][i]);
+    out[m] = _mm512_reduce_add_ps(t);
+  }
 }
 
 // ------------------------------------------------------------------------------------ INT4 weights
@@ -250,38 +267,34 @@ inline void int4_put_bh(float* row, int64_t k, float v) {
 
 inline __m512bh as_bh(__m512i v) { return reinterpret_cast<__m512bh&>(v); }
 
-template <int NR, int MR>
-inline void int4_tile_bh(const float* const* xs, const int32_t* w, const uint16_t* s, int64_t w_stride,
-                         int64_t s_stride, const Int4Layout& L, float out[NR][MR]) {
+// out[m] = dot(x row m, INT4 weight row w with scales s) for MR activation rows.
+template <int MR>
+inline void int4_row_bh(const float* const* xs, const int32_t* w, const uint16_t* s, const Int4Layout& L, float out[MR]) {
   alignas(64) static const uint16_t table_words[32] = {
       0xc100, 0xc0e0, 0xc0c0, 0xc0a0, 0xc080, 0xc040, 0xc000, 0xbf80, 0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0,
       0xc100, 0xc0e0, 0xc0c0, 0xc0a0, 0xc080, 0xc040, 0xc000, 0xbf80, 0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0};
   const __m512i table = _mm512_load_si512(table_words);
-  __m512 acc[NR][MR];
-  for (int r = 0; r < NR; ++r)
-    for (int m = 0; m < MR; ++m) acc[r][m] = _mm512_setzero_ps();
+  __m512 acc[MR];
+  for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_ps();
   int64_t nb = int4_blocks(L.K);
   for (int64_t b = 0; b < nb; ++b) {
-    __mmask16 wmask = int4_word_mask(L.K, b);
-    for (int r = 0; r < NR; ++r) {
-      __m512i v = _mm512_maskz_loadu_epi32(wmask, w + r * w_stride + b * 16);
-      __m512i q[4] = {_mm512_permutexvar_epi16(v, table), _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), table),
-                      _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 8), table),
-                      _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 12), table)};
-      __m512 sv = int4_scales(s + r * s_stride, b, L);
-      for (int m = 0; m < MR; ++m) {
-        const uint16_t* xb = reinterpret_cast<const uint16_t*>(xs[m] + b * INT4_BLOCK);
-        // Two independent chains: vdpbf16ps has a latency of several cycles.
-        __m512 t0 = _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(q[0]), as_bh(_mm512_loadu_si512(xb)));
-        __m512 t1 = _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(q[1]), as_bh(_mm512_loadu_si512(xb + 32)));
-        t0 = _mm512_dpbf16_ps(t0, as_bh(q[2]), as_bh(_mm512_loadu_si512(xb + 64)));
-        t1 = _mm512_dpbf16_ps(t1, as_bh(q[3]), as_bh(_mm512_loadu_si512(xb + 96)));
-        acc[r][m] = _mm512_fmadd_ps(_mm512_add_ps(t0, t1), sv, acc[r][m]);
-      }
+    prefetch(w + b * 16);
+    __m512i v = _mm512_maskz_loadu_epi32(int4_word_mask(L.K, b), w + b * 16);
+    __m512i q[4] = {_mm512_permutexvar_epi16(v, table), _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), table),
+                    _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 8), table),
+                    _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 12), table)};
+    __m512 sv = int4_scales(s, b, L);
+    for (int m = 0; m < MR; ++m) {
+      const uint16_t* xb = reinterpret_cast<const uint16_t*>(xs[m] + b * INT4_BLOCK);
+      // Two independent chains: vdpbf16ps has a latency of several cycles.
+      __m512 t0 = _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(q[0]), as_bh(_mm512_loadu_si512(xb)));
+      __m512 t1 = _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(q[1]), as_bh(_mm512_loadu_si512(xb + 32)));
+      t0 = _mm512_dpbf16_ps(t0, as_bh(q[2]), as_bh(_mm512_loadu_si512(xb + 64)));
+      t1 = _mm512_dpbf16_ps(t1, as_bh(q[3]), as_bh(_mm512_loadu_si512(xb + 96)));
+      acc[m] = _mm512_fmadd_ps(_mm512_add_ps(t0, t1), sv, acc[m]);
     }
   }
-  for (int r = 0; r < NR; ++r)
-    for (int m = 0; m < MR; ++m) out[r][m] = _mm512_reduce_add_ps(acc[r][m]);
+  for (int m = 0; m < MR; ++m) out[m] = _mm512_reduce_add_ps(acc[m]);
 }
 #endif
 
@@ -293,38 +306,27 @@ inline void int4_put_ps(float* row, int64_t k, float v) {
   row[(k / INT4_BLOCK) * INT4_BLOCK + (c % 8) * 16 + c / 8] = v;
 }
 
-template <int NR, int MR>
-inline void int4_tile_ps(const float* const* xs, const int32_t* w, const uint16_t* s, int64_t w_stride,
-                         int64_t s_stride, const Int4Layout& L, float out[NR][MR]) {
+template <int MR>
+inline void int4_row_ps(const float* const* xs, const int32_t* w, const uint16_t* s, const Int4Layout& L, float out[MR]) {
   const __m512 table = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
-  __m512 acc[NR][MR];
-  for (int r = 0; r < NR; ++r)
-    for (int m = 0; m < MR; ++m) acc[r][m] = _mm512_setzero_ps();
+  __m512 acc[MR];
+  for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_ps();
   int64_t nb = int4_blocks(L.K);
   for (int64_t b = 0; b < nb; ++b) {
-    __mmask16 wmask = int4_word_mask(L.K, b);
-    __m512i wv[NR];
-    __m512 sv[NR], t[NR][MR];
-    for (int r = 0; r < NR; ++r) {
-      wv[r] = _mm512_maskz_loadu_epi32(wmask, w + r * w_stride + b * 16);
-      sv[r] = int4_scales(s + r * s_stride, b, L);
-      for (int m = 0; m < MR; ++m) t[r][m] = _mm512_setzero_ps();
-    }
+    prefetch(w + b * 16);
+    __m512i wv = _mm512_maskz_loadu_epi32(int4_word_mask(L.K, b), w + b * 16);
+    __m512 sv = int4_scales(s, b, L), t[MR][2];
+    for (int m = 0; m < MR; ++m) t[m][0] = t[m][1] = _mm512_setzero_ps();
 #pragma GCC unroll 8
-    for (int j = 0; j < 8; ++j) {
-      __m512 xj[MR];
-      for (int m = 0; m < MR; ++m) xj[m] = _mm512_loadu_ps(xs[m] + b * INT4_BLOCK + 16 * j);
-      for (int r = 0; r < NR; ++r) {
-        __m512 q = _mm512_permutexvar_ps(wv[r], table);
-        wv[r] = _mm512_srli_epi32(wv[r], 4);   // the next nibble down
-        for (int m = 0; m < MR; ++m) t[r][m] = _mm512_fmadd_ps(q, xj[m], t[r][m]);
-      }
+    for (int j = 0; j < 8; ++j) {   // two chains (even and odd j): the FMA latency
+      __m512 q = _mm512_permutexvar_ps(wv, table);
+      wv = _mm512_srli_epi32(wv, 4);   // the next nibble down
+      for (int m = 0; m < MR; ++m)
+        t[m][j & 1] = _mm512_fmadd_ps(q, _mm512_loadu_ps(xs[m] + b * INT4_BLOCK + 16 * j), t[m][j & 1]);
     }
-    for (int r = 0; r < NR; ++r)
-      for (int m = 0; m < MR; ++m) acc[r][m] = _mm512_fmadd_ps(t[r][m], sv[r], acc[r][m]);
+    for (int m = 0; m < MR; ++m) acc[m] = _mm512_fmadd_ps(_mm512_add_ps(t[m][0], t[m][1]), sv, acc[m]);
   }
-  for (int r = 0; r < NR; ++r)
-    for (int m = 0; m < MR; ++m) out[r][m] = _mm512_reduce_add_ps(acc[r][m]);
+  for (int m = 0; m < MR; ++m) out[m] = _mm512_reduce_add_ps(acc[m]);
 }
 
 // Column k of a prepared row; which layout follows the tile that will read it.
@@ -335,13 +337,12 @@ inline void int4_put(float* row, int64_t k, float v, bool fp32) {
   int4_put_ps(row, k, v);
 }
 
-template <int NR, int MR>
-inline void int4_tile(const float* const* xs, const int32_t* w, const uint16_t* s, int64_t w_stride,
-                      int64_t s_stride, const Int4Layout& L, float out[NR][MR]) {
+template <int MR>
+inline void int4_row(const float* const* xs, const int32_t* w, const uint16_t* s, const Int4Layout& L, float out[MR]) {
 #ifdef __AVX512BF16__
-  if (!L.split) return int4_tile_bh<NR, MR>(xs, w, s, w_stride, s_stride, L, out);
+  if (!L.split) return int4_row_bh<MR>(xs, w, s, L, out);
 #endif
-  int4_tile_ps<NR, MR>(xs, w, s, w_stride, s_stride, L, out);
+  int4_row_ps<MR>(xs, w, s, L, out);
 }
 
 void int4_prepare_row(const void* x, bool bf16, int64_t K, float* out) {
@@ -350,33 +351,35 @@ void int4_prepare_row(const void* x, bool bf16, int64_t K, float* out) {
 }
 
 // ------------------------------------------------------------------------------------ row blocking
-// Weight rows go 4 at a time against one activation row, or 1 at a time against 4 activation rows:
-// either way 4 independent FMA chains, and each weight vector is unpacked once for up to 4 rows.
-constexpr int ROWS_PER_TASK = 32;   // weight rows per task: 32-64 KB of weights, ~10 us
+// One weight row at a time against up to 4 activation rows: each weight vector is loaded and
+// unpacked once for all of them, and the weights stream in order.
+constexpr int ROWS_PER_TASK = 32;   // bf16 weight rows per task: 16-128 KB of weights
 
-// emit(r, m, value) for weight rows [n0, n1) x activation rows [0, M) (xs[m] prepared rows).
-template <class Tile1x4, class Tile4x1, class Tile1x1, class Emit>
-inline void rows_times_acts(int64_t n0, int64_t n1, int64_t M, const float* const* xs, Tile1x4 t14,
-                            Tile4x1 t41, Tile1x1 t11, Emit emit) {
-  int64_t m = 0;
-  for (; m + 4 <= M; m += 4)
+// INT4 rows per task: about 64 KB of weights (longer streams), at least ROWS_PER_TASK rows.
+inline int64_t int4_task_rows(int64_t K) { return std::clamp<int64_t>((64 << 10) / std::max<int64_t>(K / 2, 1), ROWS_PER_TASK, 256); }
+
+template <int MR>
+using Rows = std::integral_constant<int, MR>;
+
+// emit(n, m, value) for weight rows [n0, n1) x activation rows [0, M) (xs[m] prepared rows);
+// row(n, xs, Rows<MR>{}, out) computes weight row n against activation rows xs[0 .. MR).
+template <class Row, class Emit>
+inline void rows_times_acts(int64_t n0, int64_t n1, int64_t M, const float* const* xs, Row row, Emit emit) {
+  auto rows = [&](int64_t m, auto mr) {
+    constexpr int MR = decltype(mr)::value;
     for (int64_t n = n0; n < n1; ++n) {
-      float o[1][4];
-      t14(n, xs + m, o);
-      for (int i = 0; i < 4; ++i) emit(n, m + i, o[0][i]);
+      float o[MR];
+      row(n, xs + m, mr, o);
+      for (int i = 0; i < MR; ++i) emit(n, m + i, o[i]);
     }
-  for (; m < M; ++m) {
-    int64_t n = n0;
-    for (; n + 4 <= n1; n += 4) {
-      float o[4][1];
-      t41(n, xs + m, o);
-      for (int i = 0; i < 4; ++i) emit(n + i, m, o[i][0]);
-    }
-    for (; n < n1; ++n) {
-      float o[1][1];
-      t11(n, xs + m, o);
-      emit(n, m, o[0][0]);
-    }
+  };
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) rows(m, Rows<4>{});
+  switch (M - m) {
+    case 3: rows(m, Rows<3>{}); break;
+    case 2: rows(m, Rows<2>{}); break;
+    case 1: rows(m, Rows<1>{}); break;
+    default: break;
   }
 }
 
@@ -385,10 +388,9 @@ struct Bf16Weight {
   int64_t K;
   template <class Emit>
   void apply(int64_t n0, int64_t n1, int64_t M, const float* const* xs, Emit emit) const {
-    rows_times_acts(
-        n0, n1, M, xs, [&](int64_t n, const float* const* x, float o[1][4]) { bf16_tile<1, 4>(x, w + n * K, K, K, o); },
-        [&](int64_t n, const float* const* x, float o[4][1]) { bf16_tile<4, 1>(x, w + n * K, K, K, o); },
-        [&](int64_t n, const float* const* x, float o[1][1]) { bf16_tile<1, 1>(x, w + n * K, K, K, o); }, emit);
+    rows_times_acts(n0, n1, M, xs, [&](int64_t n, const float* const* x, auto mr, float* o) {
+      bf16_row<decltype(mr)::value>(x, w + n * K, K, o);
+    }, emit);
   }
   static int64_t row_floats(int64_t K) { return bf16_blocks(K) * BF16_BLOCK; }
   static void prepare(const void* x, bool bf16, int64_t K, float* out) { bf16_prepare_row(x, bf16, K, out); }
@@ -401,12 +403,9 @@ struct Int4Weight {
   template <class Emit>
   void apply(int64_t n0, int64_t n1, int64_t M, const float* const* xs, Emit emit) const {
     int64_t ws = L.K / 8, ss = L.K / L.G;
-    rows_times_acts(
-        n0, n1, M, xs,
-        [&](int64_t n, const float* const* x, float o[1][4]) { int4_tile<1, 4>(x, w + n * ws, s + n * ss, ws, ss, L, o); },
-        [&](int64_t n, const float* const* x, float o[4][1]) { int4_tile<4, 1>(x, w + n * ws, s + n * ss, ws, ss, L, o); },
-        [&](int64_t n, const float* const* x, float o[1][1]) { int4_tile<1, 1>(x, w + n * ws, s + n * ss, ws, ss, L, o); },
-        emit);
+    rows_times_acts(n0, n1, M, xs, [&](int64_t n, const float* const* x, auto mr, float* o) {
+      int4_row<decltype(mr)::value>(x, w + n * ws, s + n * ss, L, o);
+    }, emit);
   }
   static int64_t row_floats(int64_t K) { return int4_blocks(K) * INT4_BLOCK; }
   static void prepare(const void* x, bool bf16, int64_t K, float* out) { int4_prepare_row(x, bf16, K, out); }
@@ -447,7 +446,7 @@ inline float silu(float g) { return g / (1.0f + std::exp(-g)); }
 // float32). Shapes are checked by the Python wrappers, which own every pointer passed here.
 extern "C" {
 
-int kt_version() { return 1; }
+int kt_version() { return 2; }
 
 void kt_set_threads(int n) { pool().resize(n); }
 
@@ -496,7 +495,7 @@ void kt_mlp_bf16(const void* x, int x_bf16, int64_t M, int64_t D, int64_t I, con
 // transposed = 0: y[m, h, n] = sum_k x[m, h, k] w[h, n, k]   (rows are outputs: o = o_latent @ W_UV^T)
 // transposed = 1: y[m, h, c] = sum_n x[m, h, n] w[h, n, c]   (rows are inputs:  q_latent = q_nope @ W_UK)
 // x [M, H, Kin], y [M, H, Nout].
-constexpr int HEAD_COLS = 128;   // output columns per task of the transposed form: 8 float32 accumulators
+constexpr int HEAD_COLS = 256;   // output columns per task of the transposed form: 16 float32 accumulators
 
 void kt_heads_bf16(const void* x, int x_bf16, int64_t M, int64_t H, int64_t Kin, const uint16_t* w, int64_t head_stride,
                    int64_t row_stride, int64_t Nout, int transposed, void* y, int y_bf16) {
@@ -509,12 +508,9 @@ void kt_heads_bf16(const void* x, int x_bf16, int64_t M, int64_t H, int64_t Kin,
       const uint16_t* wh = w + h * head_stride;
       std::vector<const float*> xs(static_cast<size_t>(M));
       for (int64_t m = 0; m < M; ++m) xs[size_t(m)] = rows[size_t(m * H + h)];
-      rows_times_acts(
-          n0, n1, M, xs.data(),
-          [&](int64_t n, const float* const* xr, float o[1][4]) { bf16_tile<1, 4>(xr, wh + n * row_stride, row_stride, Kin, o); },
-          [&](int64_t n, const float* const* xr, float o[4][1]) { bf16_tile<4, 1>(xr, wh + n * row_stride, row_stride, Kin, o); },
-          [&](int64_t n, const float* const* xr, float o[1][1]) { bf16_tile<1, 1>(xr, wh + n * row_stride, row_stride, Kin, o); },
-          [&](int64_t n, int64_t m, float v) { store_act(y, y_bf16, (m * H + h) * Nout + n, v); });
+      rows_times_acts(n0, n1, M, xs.data(), [&](int64_t n, const float* const* xr, auto mr, float* o) {
+        bf16_row<decltype(mr)::value>(xr, wh + n * row_stride, Kin, o);
+      }, [&](int64_t n, int64_t m, float v) { store_act(y, y_bf16, (m * H + h) * Nout + n, v); });
     };
     parallel(int(H * blocks), f);
     return;
@@ -529,6 +525,8 @@ void kt_heads_bf16(const void* x, int x_bf16, int64_t M, int64_t H, int64_t Kin,
       for (int64_t n = 0; n < Kin; ++n) {
         __m512 xv = _mm512_set1_ps(load_act(x, x_bf16, (m * H + h) * Kin + n));
         const uint16_t* wr = wh + n * row_stride;
+        for (int64_t byte = 0; byte < 2 * cols; byte += 64)   // the slab two rows ahead
+          _mm_prefetch(reinterpret_cast<const char*>(wr + 2 * row_stride) + byte, _MM_HINT_T0);
         for (int i = 0; i < HEAD_COLS / 16; ++i) {
           int64_t left = cols - 16 * i;
           if (left <= 0) break;
@@ -554,8 +552,9 @@ void kt_moe_int4(const void* x, int x_bf16, int64_t T, int64_t D, int64_t I, int
                  const int32_t* ids, const float* weights, int64_t K, void* y, int y_bf16) {
   // (token, slot) pairs grouped by expert, in token order.
   std::vector<std::vector<int64_t>> by_expert(static_cast<size_t>(E));
+  std::vector<char> valid(size_t(T * K), 0);
   for (int64_t p = 0; p < T * K; ++p)
-    if (ids[p] >= 0 && ids[p] < E) by_expert[size_t(ids[p])].push_back(p);
+    if (ids[p] >= 0 && ids[p] < E) by_expert[size_t(ids[p])].push_back(p), valid[size_t(p)] = 1;
   std::vector<int64_t> active;
   for (int64_t e = 0; e < E; ++e)
     if (!by_expert[size_t(e)].empty()) active.push_back(e);
@@ -567,10 +566,9 @@ void kt_moe_int4(const void* x, int x_bf16, int64_t T, int64_t D, int64_t I, int
   std::vector<float> h(size_t(T * K * hf), 0.0f), gbuf(size_t(T * K * I));   // per pair: silu(gate) * up
 
   // Phase 1: gate and up of every active expert, tasks over (expert, block of I rows).
-  const int64_t iblocks = (I + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
+  const int64_t rows1 = int4_task_rows(D), iblocks = (I + rows1 - 1) / rows1;
   auto f1 = [&](int t) {
-    int64_t e = active[size_t(t / iblocks)], n0 = (t % iblocks) * ROWS_PER_TASK;
-    int64_t n1 = std::min<int64_t>(I, n0 + ROWS_PER_TASK);
+    int64_t e = active[size_t(t / iblocks)], n0 = (t % iblocks) * rows1, n1 = std::min<int64_t>(I, n0 + rows1);
     const auto& pairs = by_expert[size_t(e)];
     std::vector<const float*> xs(pairs.size());
     for (size_t i = 0; i < pairs.size(); ++i) xs[i] = rows[size_t(pairs[i] / K)];
@@ -584,22 +582,197 @@ void kt_moe_int4(const void* x, int x_bf16, int64_t T, int64_t D, int64_t I, int
   };
   parallel(int(active.size() * iblocks), f1);
 
-  // Phase 2: down, tasks over blocks of D rows, each summing every expert into its own rows.
-  std::vector<float> acc(size_t(T * D), 0.0f);
+  // Phase 2: down of every active expert into each pair's own row, tasks over (expert, block of D
+  // rows) so that each streams one expert's rows; then each token sums its pairs, in slot order.
+  std::vector<float> out(size_t(T * K * D), 0.0f);
+  const int64_t rows2 = int4_task_rows(I), dblocks = (D + rows2 - 1) / rows2;
   auto f2 = [&](int t) {
-    int64_t n0 = int64_t(t) * ROWS_PER_TASK, n1 = std::min<int64_t>(D, n0 + ROWS_PER_TASK);
-    for (int64_t e : active) {
-      const auto& pairs = by_expert[size_t(e)];
-      std::vector<const float*> hs(pairs.size());
-      for (size_t i = 0; i < pairs.size(); ++i) hs[i] = h.data() + pairs[i] * hf;
-      Int4Weight{dn_packed + e * D * (I / 8), dn_scale + e * D * (I / G), Li}.apply(
-          n0, n1, int64_t(pairs.size()), hs.data(),
-          [&](int64_t n, int64_t m, float v) { acc[(pairs[m] / K) * D + n] += weights[pairs[m]] * v; });
-    }
-    for (int64_t tok = 0; tok < T; ++tok)
-      for (int64_t n = n0; n < n1; ++n) store_act(y, y_bf16, tok * D + n, acc[tok * D + n]);
+    int64_t e = active[size_t(t / dblocks)], n0 = (t % dblocks) * rows2, n1 = std::min<int64_t>(D, n0 + rows2);
+    const auto& pairs = by_expert[size_t(e)];
+    std::vector<const float*> hs(pairs.size());
+    for (size_t i = 0; i < pairs.size(); ++i) hs[i] = h.data() + pairs[i] * hf;
+    Int4Weight{dn_packed + e * D * (I / 8), dn_scale + e * D * (I / G), Li}.apply(
+        n0, n1, int64_t(pairs.size()), hs.data(), [&](int64_t n, int64_t m, float v) { out[pairs[m] * D + n] = v; });
   };
-  parallel(int((D + ROWS_PER_TASK - 1) / ROWS_PER_TASK), f2);
+  parallel(int(active.size() * dblocks), f2);
+  auto f3 = [&](int tok) {
+    for (int64_t n = 0; n < D; ++n) {
+      float sum = 0.0f;
+      for (int64_t k = 0; k < K; ++k)
+        if (valid[size_t(tok * K + k)]) sum += weights[tok * K + k] * out[(tok * K + k) * D + n];
+      store_act(y, y_bf16, tok * D + n, sum);
+    }
+  };
+  if (T >= 16) parallel(int(T), f3);
+  else for (int tok = 0; tok < T; ++tok) f3(tok);
+}
+
+// RMSNorm as the model computes it: y = w * round_x(x * rsqrt(mean(x^2) + eps)), in float32, the
+// normalized row rounded to x's dtype before the scale (HF's order), y rounded to its own dtype.
+// x rows are x_stride elements apart (a column slice of a wider activation); y is contiguous.
+void kt_rmsnorm(const void* x, int x_bf16, int64_t M, int64_t D, int64_t x_stride, const void* w, int w_bf16,
+                float eps, void* y, int y_bf16) {
+  auto f = [&](int m) {
+    float ss = 0.0f;
+    for (int64_t d = 0; d < D; ++d) {
+      float v = load_act(x, x_bf16, m * x_stride + d);
+      ss += v * v;
+    }
+    float r = 1.0f / std::sqrt(ss / float(D) + eps);
+    for (int64_t d = 0; d < D; ++d) {
+      float v = load_act(x, x_bf16, m * x_stride + d) * r;
+      if (x_bf16) v = bf16_to_float(float_to_bf16(v));
+      store_act(y, y_bf16, m * D + d, load_act(w, w_bf16, d) * v);
+    }
+  };
+  if (M >= 16) parallel(int(M), f);
+  else for (int m = 0; m < M; ++m) f(m);
+}
+
+// Rope on interleaved pairs, as the model computes it: (x0, x1) -> (x0 c - x1 s, x1 c + x0 s) in
+// float32, each product rounded before the sum (no FMA: the same bits as torch), then rounded to x's
+// dtype. x [T, heads, R] with strides (t_stride, h_stride, 1); cos, sin [T, R/2] float32; y contiguous.
+__attribute__((optimize("fp-contract=off")))
+void kt_rope(const void* x, int bf16, int64_t T, int64_t heads, int64_t R, int64_t t_stride, int64_t h_stride,
+             const float* cos, const float* sin, void* y) {
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t h = 0; h < heads; ++h)
+      for (int64_t i = 0; i < R / 2; ++i) {
+        int64_t at = t * t_stride + h * h_stride + 2 * i, out = (t * heads + h) * R + 2 * i;
+        float x0 = load_act(x, bf16, at), x1 = load_act(x, bf16, at + 1), c = cos[t * (R / 2) + i], s = sin[t * (R / 2) + i];
+        float a = x0 * c, b = x1 * s, d = x1 * c, e = x0 * s;
+        store_act(y, bf16, out, a - b);
+        store_act(y, bf16, out + 1, d + e);
+      }
+}
+
+// Absorbed MLA decode attention over the paged latent cache: for query i and head h,
+// out[i, h] = softmax_t(scale * (q_latent[i, h] . latent_t + q_rope[i, h] . rope_t)) @ latent_t over
+// tokens t < seq_lens[i], token t at kv[block_table[i, t / block_size], t % block_size] = (latent, rope).
+// q_latent [Q, H, C], q_rope [Q, H, R], out [Q, H, C]: contiguous; kv [*, block_size, C + R].
+// Tasks are (query, split of its tokens): each reads its tokens once for every head, one cache block
+// at a time, with an online softmax; the splits are merged by their log-sum-exp (flash decoding).
+constexpr int64_t MLA_SPLIT_TOKENS = 128;   // tokens per task (at least) when a query is split
+
+// Token row (C + R values, float32 or bf16) -> float32, zero padded to Wp.
+inline void kv_row_to_float(const void* kv, bool bf16, int64_t offset, int64_t W, int64_t Wp, float* out) {
+  for (int64_t w = 0; w < Wp; w += 16) {
+    __mmask16 mask = W - w >= 16 ? __mmask16(0xffff) : W > w ? __mmask16((1u << (W - w)) - 1) : __mmask16(0);
+    __m512 v = bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(
+                          mask, static_cast<const uint16_t*>(kv) + offset + w)), 16))
+                    : _mm512_maskz_loadu_ps(mask, static_cast<const float*>(kv) + offset + w);
+    _mm512_storeu_ps(out + w, v);
+  }
+}
+
+void kt_mla_decode(const void* q_latent, const void* q_rope, int q_bf16, int64_t Q, int64_t H, int64_t C, int64_t R,
+                   const void* kv, int kv_bf16, int64_t block_size, const int32_t* block_table, int64_t table_stride,
+                   const int32_t* seq_lens, float scale, void* out, int out_bf16) {
+  const int64_t W = C + R, Wp = (W + 15) / 16 * 16;   // a cached token's width; padded rows
+  const int64_t Hv = (H + 15) / 16;                   // 16-head vectors: scores have a lane per head
+  std::vector<int64_t> first(size_t(Q) + 1, 0);      // task index of each query's first split
+  int64_t threads = pool().threads();
+  for (int64_t i = 0; i < Q; ++i) {
+    int64_t n = seq_lens[i], splits = 1;
+    if (n > MLA_SPLIT_TOKENS && Q < 2 * threads)
+      splits = std::min<int64_t>(2 * threads, (n + MLA_SPLIT_TOKENS - 1) / MLA_SPLIT_TOKENS);
+    first[size_t(i) + 1] = first[size_t(i)] + splits;
+  }
+  const int64_t tasks = first[size_t(Q)];
+  std::vector<float> acc(size_t(tasks * H * C)), m(size_t(tasks * H)), l(size_t(tasks * H));
+  auto f = [&](int task) {
+    int64_t i = std::upper_bound(first.begin(), first.end(), int64_t(task)) - first.begin() - 1;
+    int64_t split = task - first[size_t(i)], splits = first[size_t(i) + 1] - first[size_t(i)], n = seq_lens[i];
+    int64_t per = (n + splits - 1) / splits, t0 = split * per, t1 = std::min(n, t0 + per);
+    // Queries transposed, pre-scaled: qt[(w * Hv + v) * 16 + lane] is head 16v + lane's value w (latent, then rope).
+    std::vector<float> qt(size_t(W * Hv * 16), 0.0f), s(size_t(Hv * 16 * block_size)), kvf(size_t(block_size * Wp));
+    for (int64_t h = 0; h < H; ++h) {
+      for (int64_t c = 0; c < C; ++c) qt[size_t(c * Hv * 16 + h)] = scale * load_act(q_latent, q_bf16, (i * H + h) * C + c);
+      for (int64_t r = 0; r < R; ++r) qt[size_t((C + r) * Hv * 16 + h)] = scale * load_act(q_rope, q_bf16, (i * H + h) * R + r);
+    }
+    float* a = acc.data() + task * H * C;
+    float* mt = m.data() + task * H;
+    float* lt = l.data() + task * H;
+    std::fill(a, a + H * C, 0.0f);
+    std::fill(mt, mt + H, -INFINITY);
+    std::fill(lt, lt + H, 0.0f);
+    for (int64_t tb = t0; tb < t1;) {   // one cache block (or the part of it in [t0, t1)) at a time
+      int64_t block = block_table[i * table_stride + tb / block_size], slot0 = tb % block_size;
+      int64_t nt = std::min(t1 - tb, block_size - slot0);
+      for (int64_t j = 0; j < nt; ++j) kv_row_to_float(kv, kv_bf16, (block * block_size + slot0 + j) * W, W, Wp, kvf.data() + j * Wp);
+      // Scores of every head for 4 tokens at a time (4 independent FMA chains per head vector).
+      for (int64_t v = 0; v < Hv; ++v) {
+        float* sv = s.data() + v * 16 * block_size;   // sv[j * 16 + lane]
+        int64_t j = 0;
+        for (; j + 4 <= nt; j += 4) {
+          __m512 d0 = _mm512_setzero_ps(), d1 = d0, d2 = d0, d3 = d0;
+          const float* k0 = kvf.data() + j * Wp;
+          for (int64_t w = 0; w < W; ++w) {
+            __m512 qv = _mm512_loadu_ps(qt.data() + (w * Hv + v) * 16);
+            d0 = _mm512_fmadd_ps(qv, _mm512_set1_ps(k0[w]), d0);
+            d1 = _mm512_fmadd_ps(qv, _mm512_set1_ps(k0[Wp + w]), d1);
+            d2 = _mm512_fmadd_ps(qv, _mm512_set1_ps(k0[2 * Wp + w]), d2);
+            d3 = _mm512_fmadd_ps(qv, _mm512_set1_ps(k0[3 * Wp + w]), d3);
+          }
+          _mm512_storeu_ps(sv + j * 16, d0);
+          _mm512_storeu_ps(sv + (j + 1) * 16, d1);
+          _mm512_storeu_ps(sv + (j + 2) * 16, d2);
+          _mm512_storeu_ps(sv + (j + 3) * 16, d3);
+        }
+        for (; j < nt; ++j) {
+          __m512 d = _mm512_setzero_ps();
+          for (int64_t w = 0; w < W; ++w)
+            d = _mm512_fmadd_ps(_mm512_loadu_ps(qt.data() + (w * Hv + v) * 16), _mm512_set1_ps(kvf[size_t(j * Wp + w)]), d);
+          _mm512_storeu_ps(sv + j * 16, d);
+        }
+      }
+      for (int64_t h = 0; h < H; ++h) {
+        const float* sh = s.data() + (h / 16) * 16 * block_size + h % 16;   // token j at sh[16 j]
+        float mx = mt[h];
+        for (int64_t j = 0; j < nt; ++j) mx = std::max(mx, sh[16 * j]);
+        alignas(64) float p[256];   // block_size <= 256 (cpu.MLA_MAX_BLOCK)
+        float correction = std::exp(mt[h] - mx), sum = 0.0f;   // exp(-inf) = 0 on the first block
+        for (int64_t j = 0; j < nt; ++j) sum += (p[j] = std::exp(sh[16 * j] - mx));
+        lt[h] = lt[h] * correction + sum;
+        mt[h] = mx;
+        float* ah = a + h * C;
+        const __m512 cv = _mm512_set1_ps(correction);
+        for (int64_t c0 = 0; c0 < C; c0 += 64) {   // 4 column vectors at once: 4 independent FMA chains
+          __mmask16 mask[4];
+          __m512 v[4];
+          for (int u = 0; u < 4; ++u) {
+            int64_t c = c0 + 16 * u;
+            mask[u] = C - c >= 16 ? __mmask16(0xffff) : C > c ? __mmask16((1u << (C - c)) - 1) : __mmask16(0);
+            v[u] = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask[u], ah + c), cv);
+          }
+          for (int64_t j = 0; j < nt; ++j) {
+            __m512 pj = _mm512_set1_ps(p[j]);
+            for (int u = 0; u < 4; ++u)
+              v[u] = _mm512_fmadd_ps(pj, _mm512_maskz_loadu_ps(mask[u], kvf.data() + j * Wp + c0 + 16 * u), v[u]);
+          }
+          for (int u = 0; u < 4; ++u) _mm512_mask_storeu_ps(ah + c0 + 16 * u, mask[u], v[u]);
+        }
+      }
+      tb += nt;
+    }
+  };
+  parallel(int(tasks), f);
+  for (int64_t i = 0; i < Q; ++i)   // merge the splits of each query
+    for (int64_t h = 0; h < H; ++h) {
+      int64_t t0 = first[size_t(i)], t1 = first[size_t(i) + 1];
+      float mx = -INFINITY, denom = 0.0f;
+      for (int64_t t = t0; t < t1; ++t) mx = std::max(mx, m[size_t(t * H + h)]);
+      for (int64_t t = t0; t < t1; ++t) {   // each split's weight, its sums rescaled to the common max
+        float& weight = m[size_t(t * H + h)];
+        weight = l[size_t(t * H + h)] > 0 ? std::exp(weight - mx) : 0.0f;
+        denom += l[size_t(t * H + h)] * weight;
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        float v = 0.0f;
+        for (int64_t t = t0; t < t1; ++t) v += acc[size_t((t * H + h) * C + c)] * m[size_t(t * H + h)];
+        store_act(out, out_bf16, (i * H + h) * C + c, v / denom);
+      }
+    }
 }
 
 }  // extern "C"

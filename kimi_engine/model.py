@@ -94,10 +94,7 @@ class RMSNorm(nn.Module):
         self.weight = _weight(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalize in float32, round to the activation dtype, then scale (HF and DeepSeek's order).
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return ops.rms_norm(x, self.weight, self.eps)
 
 
 class Embedding(nn.Module):
@@ -154,14 +151,6 @@ def rope_tables(config: ModelConfig, num_positions: int) -> tuple[torch.Tensor, 
     return freqs.cos() * attention_factor, freqs.sin() * attention_factor
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) of x [B, S, ..., R] by cos/sin [B, S, R/2] (float32 math)."""
-    shape = cos.shape[:2] + (1,) * (x.dim() - 3) + cos.shape[2:]
-    cos, sin = cos.view(shape), sin.view(shape)
-    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    return torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2).to(x.dtype)
-
-
 # ------------------------------------------------------------------------------------------ MLA
 class MLA(nn.Module):
     """Multi-head latent attention. Keys and values live in the cache as a C-dim latent plus one
@@ -207,9 +196,9 @@ class MLA(nn.Module):
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q_nope, q_rope = q.view(B, S, H, N + R).split([N, R], dim=-1)   # [B, S, H, N], [B, S, H, R]
-        q_rope = apply_rope(q_rope, cos, sin)
+        q_rope = ops.rope(q_rope, cos, sin)
         latent, k_rope = self.kv_a_proj_with_mqa(x).split([C, R], dim=-1)  # [B, S, C], [B, S, R]
-        latent, k_rope = self.kv_a_layernorm(latent), apply_rope(k_rope, cos, sin)
+        latent, k_rope = self.kv_a_layernorm(latent), ops.rope(k_rope, cos, sin)
         if cache is None:
             o = self.attend_naive(q_nope, q_rope, latent, k_rope, positions)
             return self.o_proj(o.flatten(2))

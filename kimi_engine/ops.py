@@ -103,6 +103,27 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.linear(x, weight)
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim: normalize in float32, round to x's dtype, then scale (HF and
+    DeepSeek's order)."""
+    if kernel_mode() == "auto" and not x.is_cuda and cpu_dispatch.rms_norm_ok(x, weight):
+        return cpu_kernels.rms_norm(x, weight, eps)
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x [B, S, ..., R] by cos/sin [B, S, R/2] (float32 math)."""
+    if kernel_mode() == "auto" and not x.is_cuda and x.dim() in (3, 4) and cpu_dispatch.rope_ok(x):
+        rows = x.flatten(0, 1) if x.dim() == 4 else x.flatten(0, 1).unsqueeze(1)   # [B*S, heads, R]
+        return cpu_kernels.rope(rows, cos.flatten(0, 1), sin.flatten(0, 1)).view(x.shape)
+    shape = cos.shape[:2] + (1,) * (x.dim() - 3) + cos.shape[2:]
+    cos, sin = cos.view(shape), sin.view(shape)
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2).to(x.dtype)
+
+
 def mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     """SiLU-gated MLP with float weights: down(silu(x gate^T) * (x up^T)); gate/up [I, D], down [D, I]."""
     if kernel_mode() == "auto" and not x.is_cuda:
@@ -133,12 +154,16 @@ _MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
 def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [T, D] @ weight [E, D].T in float32, as HF's router computes it (both operands cast to float32).
 
-    bf16/fp16 products are exact in float32, so on CUDA a float32-output GEMM on the stored operands
+    bf16/fp16 products are exact in float32, so on CUDA (and on the CPU kernels) a float32-output GEMM on the stored operands
     gives the same sums (up to their order) without materializing a float32 copy of the weight every
     step: at Kimi's widths that copy is 11 MB written and read again per MoE layer per decode step.
     """
     if _MM_OUT_DTYPE and x.is_cuda and x.dtype == weight.dtype and x.dtype in (torch.bfloat16, torch.float16):
         return torch.mm(x, weight.t(), out_dtype=torch.float32)
+    if kernel_mode() == "auto" and not x.is_cuda:   # the CPU kernels sum in float32 too, reading bf16 weights
+        y = cpu_dispatch.linear(x, weight, out_dtype=torch.float32)
+        if y is not None:
+            return y
     return F.linear(x.float(), weight.float())
 
 
@@ -197,4 +222,6 @@ def mla_attention(q_latent, q_rope, kv_cache, block_table, seq_lens, softmax_sca
     if use_triton(q_latent):
         return mla_decode(q_latent, q_rope, kv_cache, block_table, seq_lens, softmax_scale, kv_scale,
                           max_seq_len=max_seq_len)
+    if kernel_mode() == "auto" and cpu_dispatch.attention_ok(q_latent, kv_cache, kv_scale):
+        return cpu_kernels.mla_decode(q_latent, q_rope, kv_cache, block_table, seq_lens, softmax_scale)
     return mla_decode_ref(q_latent, q_rope, kv_cache, block_table, seq_lens, softmax_scale, kv_scale)

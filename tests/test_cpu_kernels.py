@@ -15,6 +15,7 @@ import kimi_engine
 from kimi_engine import ops
 from kimi_engine.int4 import dequantize, quantize
 from kimi_engine.kernels import cpu
+from kimi_engine.kernels.mla_decode import mla_decode_ref
 from kimi_engine.kernels.moe import fused_moe_ref
 from kimi_engine.synthetic import tiny_config, write_random_checkpoint
 
@@ -90,6 +91,53 @@ def test_moe_int4(T, K, dtype):
     close(cpu.moe_int4(x, *gate_up, *down, weights, ids), ref, dtype)
 
 
+def paged_cache(lens, H, C, R, block_size, dtype, g):
+    """Queries and a paged cache whose blocks are shuffled (and one block left unused)."""
+    blocks = [-(-n // block_size) for n in lens]
+    order = torch.randperm(sum(blocks) + 1, generator=g).int()
+    table = torch.zeros(len(lens), max(blocks), dtype=torch.int32)
+    for i, b in enumerate(blocks):
+        table[i, :b] = order[sum(blocks[:i]):sum(blocks[:i]) + b]
+    kv = torch.randn(len(order), block_size, C + R, generator=g).to(dtype)
+    q_latent, q_rope = (torch.randn(len(lens), H, d, generator=g).to(dtype) for d in (C, R))
+    return q_latent, q_rope, kv, table, torch.tensor(lens, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lens,H,C,R,block_size", [
+    ([1, 7, 200], 3, 32, 16, 16),       # a single token; a part block; heads under one vector
+    ([700], 17, 40, 8, 64),             # split over tasks; 17 heads (two vectors); C not a multiple of 16
+    ([129, 64, 65, 5], 4, 64, 8, 32),   # exactly-full blocks; one past
+])
+def test_mla_decode(lens, H, C, R, block_size, dtype):
+    g = torch.Generator().manual_seed(sum(lens) + H)
+    args = paged_cache(lens, H, C, R, block_size, dtype, g)
+    close(cpu.mla_decode(*args, 0.3), mla_decode_ref(*args, 0.3), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm(dtype):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 20, 200, generator=g).to(dtype)
+    w = (1 + torch.randn(150, generator=g) / 4).to(dtype)
+    cols = x[..., 30:180]   # strided rows, as the latent split of kv_a's output
+    x32 = cols.float()
+    ref = w * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)
+    close(cpu.rms_norm(cols, w, 1e-6), ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_bits_equal_the_reference(dtype, monkeypatch):
+    g = torch.Generator().manual_seed(6)
+    q = torch.randn(2, 3, 5, 24, generator=g).to(dtype)[..., 8:]   # [B, S, H, R=16], strided rows
+    k = torch.randn(2, 3, 40, generator=g).to(dtype)[..., 24:]      # [B, S, R]
+    cos, sin = torch.randn(2, 3, 8, generator=g), torch.randn(2, 3, 8, generator=g)
+    fast = [ops.rope(t, cos, sin) for t in (q, k)]
+    monkeypatch.setenv("KIMI_ENGINE_KERNELS", "torch")
+    for out, t in zip(fast, (q, k)):
+        assert torch.equal(out, ops.rope(t, cos, sin))
+
+
 def test_wrappers_name_bad_arguments():
     w = torch.randn(8, 32).bfloat16()
     with pytest.raises(ValueError, match=r"expected \[M, 32\]"):
@@ -103,6 +151,13 @@ def test_wrappers_name_bad_arguments():
         cpu.linear_int4(torch.randn(1, 48), packed, scale)
     with pytest.raises(ValueError, match="threads=0"):
         cpu.set_threads(0)
+    q_latent, q_rope, kv, table, lens = paged_cache([5], 2, 16, 8, 16, torch.float32, torch.Generator())
+    with pytest.raises(ValueError, match="kv_cache"):
+        cpu.mla_decode(q_latent, q_rope, kv[..., :20].contiguous(), table, lens, 1.0)
+    with pytest.raises(ValueError, match="block_size 512"):
+        cpu.mla_decode(q_latent, q_rope, torch.zeros(2, 512, 24), table, lens, 1.0)
+    with pytest.raises(ValueError, match="rms_norm"):
+        cpu.rms_norm(torch.randn(2, 8), torch.ones(4), 1e-6)
 
 
 def test_thread_counts_agree():
