@@ -128,10 +128,12 @@ def _build() -> ctypes.CDLL:
     lib.kt_heads_bf16.argtypes = [p, i32, i64, i64, i64, p, i64, i64, i64, i32, p, i32]
     lib.kt_moe_int4.argtypes = [p, i32, i64, i64, i64, i64, i64, p, p, p, p, p, p, i64, p, i32]
     lib.kt_rmsnorm.argtypes = [p, i32, i64, i64, i64, p, i32, ctypes.c_float, p, i32]
+    lib.kt_route.argtypes = [p, p, i64, i64, i64, i64, i64, i32, ctypes.c_float, p, p]
     lib.kt_rope.argtypes = [p, i32, i64, i64, i64, i64, i64, p, p, p]
     lib.kt_mla_decode.argtypes = [p, p, i32, i64, i64, i64, i64, p, i32, i64, p, i64, p, ctypes.c_float, p, i32]
     for fn in (lib.kt_set_threads, lib.kt_set_spin, lib.kt_linear_bf16, lib.kt_linear_int4, lib.kt_mlp_bf16,
-               lib.kt_heads_bf16, lib.kt_moe_int4, lib.kt_mla_decode, lib.kt_rmsnorm, lib.kt_rope):
+               lib.kt_heads_bf16, lib.kt_moe_int4, lib.kt_mla_decode, lib.kt_rmsnorm, lib.kt_rope,
+               lib.kt_route):
         fn.restype = None
     lib.kt_set_threads(torch.get_num_threads())
     return lib
@@ -312,6 +314,26 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     library().kt_rmsnorm(_ptr(x2), x2.dtype == torch.bfloat16, x2.shape[0], D, x2.stride(0), _ptr(w),
                          w.dtype == torch.bfloat16, float(eps), _ptr(y), y.dtype == torch.bfloat16)
     return y.view(x.shape)
+
+
+def route(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, n_group: int, topk_group: int,
+          norm_topk_prob: bool, routed_scaling_factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The noaux_tc router as routing.route_ref (the same choices, ties to the lower index): logits [T, E]
+    -> (weights [T, K] float32, ids [T, K] int32)."""
+    T, E = logits.shape
+    if not 0 < top_k <= E or n_group < 1 or E % n_group or not 0 < topk_group <= n_group:
+        raise ValueError(f"route: top_k={top_k}, n_group={n_group}, topk_group={topk_group} do not fit {E} experts")
+    if n_group > 1 and topk_group * (E // n_group) < top_k:
+        raise ValueError(f"route: {topk_group} groups of {E // n_group} experts hold fewer than top_k={top_k}")
+    x = logits.float().contiguous()
+    b = None if bias is None else bias.float().contiguous()
+    if b is not None and tuple(b.shape) != (E,):
+        raise ValueError(f"route: bias {tuple(b.shape)} does not match {E} experts")
+    weights = torch.empty(T, top_k, dtype=torch.float32)
+    ids = torch.empty(T, top_k, dtype=torch.int32)
+    library().kt_route(_ptr(x), None if b is None else _ptr(b), T, E, top_k, n_group, topk_group, bool(norm_topk_prob),
+                       float(routed_scaling_factor), _ptr(weights), _ptr(ids))
+    return weights, ids
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

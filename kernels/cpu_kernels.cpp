@@ -495,16 +495,19 @@ void kt_mlp_bf16(const void* x, int x_bf16, int64_t M, int64_t D, int64_t I, con
 // transposed = 0: y[m, h, n] = sum_k x[m, h, k] w[h, n, k]   (rows are outputs: o = o_latent @ W_UV^T)
 // transposed = 1: y[m, h, c] = sum_n x[m, h, n] w[h, n, c]   (rows are inputs:  q_latent = q_nope @ W_UK)
 // x [M, H, Kin], y [M, H, Nout].
-constexpr int HEAD_COLS = 256;   // output columns per task of the transposed form: 16 float32 accumulators
+// A task is one head (for the value form, at most HEAD_ROWS of its rows): its weights are one
+// contiguous stream (head_stride apart), where splitting a head's columns between tasks interleaved
+// two strided streams over the same pages (measured 12-14 GB/s on 2 threads for Kimi's 16-head kv_b).
+constexpr int64_t HEAD_ROWS = 128;
 
 void kt_heads_bf16(const void* x, int x_bf16, int64_t M, int64_t H, int64_t Kin, const uint16_t* w, int64_t head_stride,
                    int64_t row_stride, int64_t Nout, int transposed, void* y, int y_bf16) {
   if (!transposed) {
     std::vector<float> buf;
     auto rows = prepare_rows<Bf16Weight>(x, x_bf16, M * H, Kin, buf);   // row m * H + h
-    int64_t blocks = (Nout + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
+    int64_t blocks = (Nout + HEAD_ROWS - 1) / HEAD_ROWS;
     auto f = [&](int t) {
-      int64_t h = t / blocks, n0 = (t % blocks) * ROWS_PER_TASK, n1 = std::min<int64_t>(Nout, n0 + ROWS_PER_TASK);
+      int64_t h = t / blocks, n0 = (t % blocks) * HEAD_ROWS, n1 = std::min<int64_t>(Nout, n0 + HEAD_ROWS);
       const uint16_t* wh = w + h * head_stride;
       std::vector<const float*> xs(static_cast<size_t>(M));
       for (int64_t m = 0; m < M; ++m) xs[size_t(m)] = rows[size_t(m * H + h)];
@@ -515,33 +518,36 @@ void kt_heads_bf16(const void* x, int x_bf16, int64_t M, int64_t H, int64_t Kin,
     parallel(int(H * blocks), f);
     return;
   }
-  int64_t blocks = (Nout + HEAD_COLS - 1) / HEAD_COLS;
-  auto f = [&](int t) {
-    int64_t h = t / blocks, c0 = (t % blocks) * HEAD_COLS, cols = std::min<int64_t>(HEAD_COLS, Nout - c0);
-    const uint16_t* wh = w + h * head_stride + c0;
+  // The transposed form: the output row accumulates in L1 (Nout floats), two weight rows per pass.
+  const int64_t vecs = (Nout + 15) / 16;
+  auto f = [&](int h) {
+    const uint16_t* wh = w + h * head_stride;
+    std::vector<float> acc(size_t(vecs * 16));
     for (int64_t m = 0; m < M; ++m) {
-      __m512 acc[HEAD_COLS / 16];
-      for (auto& a : acc) a = _mm512_setzero_ps();
-      for (int64_t n = 0; n < Kin; ++n) {
-        __m512 xv = _mm512_set1_ps(load_act(x, x_bf16, (m * H + h) * Kin + n));
-        const uint16_t* wr = wh + n * row_stride;
-        for (int64_t byte = 0; byte < 2 * cols; byte += 64)   // the slab two rows ahead
-          _mm_prefetch(reinterpret_cast<const char*>(wr + 2 * row_stride) + byte, _MM_HINT_T0);
-        for (int i = 0; i < HEAD_COLS / 16; ++i) {
-          int64_t left = cols - 16 * i;
-          if (left <= 0) break;
-          __mmask16 mask = left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1);
-          __m256i v = _mm256_maskz_loadu_epi16(mask, wr + 16 * i);
-          __m512 wf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
-          acc[i] = _mm512_fmadd_ps(xv, wf, acc[i]);
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      const int64_t xrow = (m * H + h) * Kin;
+      for (int64_t n = 0; n < Kin; n += 2) {
+        const bool two = n + 1 < Kin;
+        const __m512 x0 = _mm512_set1_ps(load_act(x, x_bf16, xrow + n));
+        const __m512 x1 = _mm512_set1_ps(two ? load_act(x, x_bf16, xrow + n + 1) : 0.0f);
+        const uint16_t* w0 = wh + n * row_stride;
+        const uint16_t* w1 = two ? w0 + row_stride : w0;
+        for (int64_t i = 0; i < vecs; ++i) {
+          if ((i & 1) == 0) {
+            prefetch(w0 + 16 * i);
+            prefetch(w1 + 16 * i);
+          }
+          __mmask16 mask = Nout - 16 * i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (Nout - 16 * i)) - 1);
+          __m512 a = _mm512_loadu_ps(acc.data() + 16 * i);
+          a = _mm512_fmadd_ps(x0, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, w0 + 16 * i)), 16)), a);
+          a = _mm512_fmadd_ps(x1, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, w1 + 16 * i)), 16)), a);
+          _mm512_storeu_ps(acc.data() + 16 * i, a);
         }
       }
-      alignas(64) float out[HEAD_COLS];
-      for (int i = 0; i < HEAD_COLS / 16; ++i) _mm512_store_ps(out + 16 * i, acc[i]);
-      for (int64_t c = 0; c < cols; ++c) store_act(y, y_bf16, (m * H + h) * Nout + c0 + c, out[c]);
+      for (int64_t c = 0; c < Nout; ++c) store_act(y, y_bf16, (m * H + h) * Nout + c, acc[size_t(c)]);
     }
   };
-  parallel(int(H * blocks), f);
+  parallel(int(H), f);
 }
 
 // Routed INT4 experts: y [T, D] = sum_k weights[t, k] * expert_{ids[t, k]}(x[t]); ids of -1 skip.
@@ -644,6 +650,56 @@ void kt_rope(const void* x, int bf16, int64_t T, int64_t heads, int64_t R, int64
         store_act(y, bf16, out, a - b);
         store_act(y, bf16, out + 1, d + e);
       }
+}
+
+// The noaux_tc router, as kernels/routing.py's route_ref: s = sigmoid(logits), experts chosen on
+// s + bias (within the topk_group best groups when n_group > 1, a group scored by the sum of its two
+// best), weights = the chosen s (normalized when norm), times scale. Ties go to the lower index (a
+// stable descending sort); ids come out by decreasing biased score. logits [T, E] float32.
+void kt_route(const float* logits, const float* bias, int64_t T, int64_t E, int64_t K, int64_t n_group,
+              int64_t topk_group, int norm, float scale, float* weights, int32_t* ids) {
+  auto best_untaken = [](const float* v, const std::vector<char>& taken, int64_t n) {
+    int64_t best = -1;
+    for (int64_t i = 0; i < n; ++i)
+      if (!taken[size_t(i)] && (best < 0 || v[i] > v[best])) best = i;
+    return best;
+  };
+  auto f = [&](int t) {
+    std::vector<float> sc(static_cast<size_t>(E)), choice(static_cast<size_t>(E));
+    for (int64_t e = 0; e < E; ++e) {
+      sc[size_t(e)] = 1.0f / (1.0f + std::exp(-logits[t * E + e]));
+      choice[size_t(e)] = bias ? sc[size_t(e)] + bias[e] : sc[size_t(e)];
+    }
+    if (n_group > 1) {
+      const int64_t per = E / n_group;
+      std::vector<float> group(static_cast<size_t>(n_group));
+      for (int64_t g = 0; g < n_group; ++g) {   // the sum of the group's two best (its best, if alone)
+        float a = -INFINITY, b = -INFINITY;
+        for (int64_t e = g * per; e < (g + 1) * per; ++e) {
+          float v = choice[size_t(e)];
+          if (v > a) b = a, a = v;
+          else if (v > b) b = v;
+        }
+        group[size_t(g)] = per >= 2 ? a + b : a;
+      }
+      std::vector<char> kept(size_t(n_group), 0);
+      for (int64_t k = 0; k < std::min(topk_group, n_group); ++k) kept[size_t(best_untaken(group.data(), kept, n_group))] = 1;
+      for (int64_t e = 0; e < E; ++e)
+        if (!kept[size_t(e / per)]) choice[size_t(e)] = -INFINITY;
+    }
+    std::vector<char> taken(size_t(E), 0);
+    float sum = 0.0f;
+    for (int64_t k = 0; k < K; ++k) {
+      int64_t e = best_untaken(choice.data(), taken, E);
+      taken[size_t(e)] = 1;
+      ids[t * K + k] = int32_t(e);
+      weights[t * K + k] = sc[size_t(e)];
+      sum += sc[size_t(e)];
+    }
+    for (int64_t k = 0; k < K; ++k) weights[t * K + k] = (norm ? weights[t * K + k] / (sum + 1e-20f) : weights[t * K + k]) * scale;
+  };
+  if (T >= 16) parallel(int(T), f);
+  else for (int t = 0; t < T; ++t) f(t);
 }
 
 // Absorbed MLA decode attention over the paged latent cache: for query i and head h,

@@ -154,9 +154,9 @@ _MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
 def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [T, D] @ weight [E, D].T in float32, as HF's router computes it (both operands cast to float32).
 
-    bf16/fp16 products are exact in float32, so on CUDA (and on the CPU kernels) a float32-output GEMM on the stored operands
-    gives the same sums (up to their order) without materializing a float32 copy of the weight every
-    step: at Kimi's widths that copy is 11 MB written and read again per MoE layer per decode step.
+    bf16/fp16 products are exact in float32, so on CUDA (and on the CPU kernels) a float32-output GEMM
+    on the stored operands gives the same sums (up to their order) without materializing a float32 copy
+    of the weight every step: at Kimi's widths that copy is 11 MB written and read again per MoE layer per decode step.
     """
     if _MM_OUT_DTYPE and x.is_cuda and x.dtype == weight.dtype and x.dtype in (torch.bfloat16, torch.float16):
         return torch.mm(x, weight.t(), out_dtype=torch.float32)
@@ -170,7 +170,13 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def route(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, n_group: int, topk_group: int,
           norm_topk_prob: bool, routed_scaling_factor: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Router logits [T, E] -> (weights [T, K] float32, expert ids [T, K] int32); see route_ref."""
-    fn = route_kernel if use_triton(logits) else route_ref
+    if use_triton(logits):
+        fn = route_kernel
+    elif (kernel_mode() == "auto" and logits.device.type == "cpu" and cpu_kernels.available()
+          and not (torch.is_grad_enabled() and logits.requires_grad)):   # the kernel has no backward
+        fn = cpu_kernels.route
+    else:
+        fn = route_ref
     return fn(logits, bias, top_k, n_group, topk_group, norm_topk_prob, routed_scaling_factor)
 
 

@@ -17,7 +17,9 @@ from kimi_engine.int4 import dequantize, quantize
 from kimi_engine.kernels import cpu
 from kimi_engine.kernels.mla_decode import mla_decode_ref
 from kimi_engine.kernels.moe import fused_moe_ref
+from kimi_engine.kernels.routing import route_ref
 from kimi_engine.synthetic import tiny_config, write_random_checkpoint
+
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason=f"CPU kernels unavailable: {cpu.unavailable_reason()}")
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
@@ -138,6 +140,21 @@ def test_rope_bits_equal_the_reference(dtype, monkeypatch):
         assert torch.equal(out, ops.rope(t, cos, sin))
 
 
+@pytest.mark.parametrize("E,K,n_group,topk_group,norm", [(64, 8, 1, 1, True), (384, 8, 1, 1, True),
+                                                        (16, 2, 4, 2, False), (12, 3, 12, 4, True)])
+def test_route_chooses_as_the_reference(E, K, n_group, topk_group, norm):
+    g = torch.Generator().manual_seed(E + K)
+    logits = torch.randn(37, E, generator=g)
+    logits[0, :] = 0.5                       # all tied: the lowest ids, as the stable sort picks
+    logits[1, E // 2:] = logits[1, :E // 2]  # pairwise ties across halves (and groups)
+    bias = torch.randn(E, generator=g) / 10
+    for b in (bias, None):
+        weights, ids = cpu.route(logits, b, K, n_group, topk_group, norm, 2.5)
+        ref_weights, ref_ids = route_ref(logits, b, K, n_group, topk_group, norm, 2.5)
+        assert torch.equal(ids, ref_ids)
+        torch.testing.assert_close(weights, ref_weights, rtol=1e-6, atol=1e-7)
+
+
 def test_wrappers_name_bad_arguments():
     w = torch.randn(8, 32).bfloat16()
     with pytest.raises(ValueError, match=r"expected \[M, 32\]"):
@@ -156,6 +173,8 @@ def test_wrappers_name_bad_arguments():
         cpu.mla_decode(q_latent, q_rope, kv[..., :20].contiguous(), table, lens, 1.0)
     with pytest.raises(ValueError, match="block_size 512"):
         cpu.mla_decode(q_latent, q_rope, torch.zeros(2, 512, 24), table, lens, 1.0)
+    with pytest.raises(ValueError, match="top_k=9"):
+        cpu.route(torch.randn(2, 8), None, 9, 1, 1, True, 1.0)
     with pytest.raises(ValueError, match="rms_norm"):
         cpu.rms_norm(torch.randn(2, 8), torch.ones(4), 1e-6)
 
