@@ -2,7 +2,9 @@
 
 What they do: y = x W^T for bf16 W and for Kimi's INT4 W (packed nibbles, a bf16 scale per 32
 inputs), a fused SiLU-gated MLP (one call: gate, up, down), a fused routed-expert MoE (one call per
-layer; each touched expert read once for all of its tokens) and absorbed MLA's per-head products.
+layer; each touched expert read once for all of its tokens), absorbed MLA's per-head products and its
+decode attention over the paged cache, RMSNorm, rope and the noaux_tc router. Weight rows are streamed
+one at a time with a software prefetch (see cpu_kernels.cpp).
 Weights stay as stored; activations may be float32 or bf16; sums are float32. bf16 widens to float32
 by a shift; an INT4 nibble becomes bf16(q) through vpermw (then vdpbf16ps) for bf16 activations and
 float(q) through vpermps (then FMA) for float32 ones, so float32 activations read the same bytes as
