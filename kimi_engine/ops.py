@@ -2,7 +2,8 @@
 
 KIMI_ENGINE_KERNELS chooses, read at every call (so tests can monkeypatch it):
     auto    (default) the Triton kernel for CUDA tensors; on the CPU the CPU kernels (kernels/cpu.py:
-            bf16 and INT4 matmuls, the fused MLP and MoE, float32 arithmetic) where they built and take
+            bf16 and INT4 matmuls, the fused MLP and MoE, decode attention,
+            RMSNorm, rope and the router; float32 arithmetic) where they built and take
             the shapes, else torch's INT4 kernel for bf16 INT4 matmuls (cpu_int4.py), else the reference
     triton  always the kernel; on CPU tensors that needs TRITON_INTERPRET=1 set before triton is imported
     torch   always the reference
@@ -156,7 +157,8 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
     bf16/fp16 products are exact in float32, so on CUDA (and on the CPU kernels) a float32-output GEMM
     on the stored operands gives the same sums (up to their order) without materializing a float32 copy
-    of the weight every step: at Kimi's widths that copy is 11 MB written and read again per MoE layer per decode step.
+    of the weight every step: at Kimi's widths that copy is 11 MB written and read again per MoE layer
+    per decode step.
     """
     if _MM_OUT_DTYPE and x.is_cuda and x.dtype == weight.dtype and x.dtype in (torch.bfloat16, torch.float16):
         return torch.mm(x, weight.t(), out_dtype=torch.float32)
