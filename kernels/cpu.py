@@ -59,7 +59,7 @@ import torch
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread"]
 ENV_SWITCH = "KIMI_ENGINE_CPU_KERNELS"   # "0" turns the kernels off
-ABI_VERSION = 2                          # kt_version() of the source this wrapper speaks to
+ABI_VERSION = 3                          # kt_version() of the source this wrapper speaks to
 MLA_MAX_BLOCK = 256                      # cache block sizes kt_mla_decode takes
 INT4_GROUPS = (32, 64, 128)              # group sizes the kernel takes (and multiples of 128)
 
@@ -133,7 +133,8 @@ def _build() -> ctypes.CDLL:
     lib.kt_route.argtypes = [p, p, i64, i64, i64, i64, i64, i32, ctypes.c_float, p, p]
     lib.kt_rope.argtypes = [p, i32, i64, i64, i64, i64, i64, p, p, p]
     lib.kt_mla_decode.argtypes = [p, p, i32, i64, i64, i64, i64, p, i32, i64, p, i64, p, ctypes.c_float, p, i32]
-    for fn in (lib.kt_set_threads, lib.kt_set_spin, lib.kt_linear_bf16, lib.kt_linear_int4, lib.kt_mlp_bf16,
+    lib.kt_decode_step.argtypes = [p, i64, p, p, p, p, p, p, i32, i64, p, i64, p, p, p]
+    for fn in (lib.kt_decode_step, lib.kt_set_threads, lib.kt_set_spin, lib.kt_linear_bf16, lib.kt_linear_int4, lib.kt_mlp_bf16,
                lib.kt_heads_bf16, lib.kt_moe_int4, lib.kt_mla_decode, lib.kt_rmsnorm, lib.kt_rope,
                lib.kt_route):
         fn.restype = None

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
+from . import cpu_step, ops
 from .cache import CacheBatch, LatentCache
 from .config import ModelConfig
 from .int4 import PACK_FACTOR, dequantize
@@ -423,6 +423,9 @@ class Transformer(nn.Module):
             return self._forward(tokens, batch, cache, absorb, last_only)
 
     def _forward(self, tokens, batch, cache, absorb, last_only) -> torch.Tensor:
+        plan = cpu_step.plan_for(self, tokens, batch, cache, absorb)
+        if plan is not None:   # a CPU decode step: the whole step in one kernel call
+            return plan.run(self, tokens, batch, cache)
         B, S = tokens.shape
         if cache is None:
             positions, absorb = torch.arange(S, device=tokens.device).expand(B, S), False
@@ -434,6 +437,6 @@ class Transformer(nn.Module):
         for block in self.model.layers:
             h = block(h, cos, sin, positions, cache, batch, absorb)
         h = self.model.norm(h[:, -1:] if last_only else h)
-        logits = F.linear(h, self.model.embed_tokens.weight) if self.lm_head is None else self.lm_head(h)
+        logits = ops.linear(h, self.model.embed_tokens.weight) if self.lm_head is None else self.lm_head(h)
         # Vocabulary-parallel: each rank has the logits of its block of the vocabulary.
         return logits if self.parallel is None else self.parallel.all_gather(logits)
