@@ -171,7 +171,10 @@ void bf16_prepare_row(const void* x, bool bf16, int64_t K, float* out) {
 // Weight rows are streamed one at a time, front to back, with a software prefetch PREFETCH_BYTES
 // ahead: measured on the 2-core Zen 4 box, rows read 4 at a time (4 streams) or without the prefetch
 // left a core at 60-80% of its DRAM read bandwidth, each task starting new streams cold.
-constexpr int PREFETCH_BYTES = 1024;
+#ifndef KT_PREFETCH_BYTES
+#define KT_PREFETCH_BYTES 1024
+#endif
+constexpr int PREFETCH_BYTES = KT_PREFETCH_BYTES;
 
 inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p) + PREFETCH_BYTES, _MM_HINT_T0); }
 
@@ -353,10 +356,34 @@ void int4_prepare_row(const void* x, bool bf16, int64_t K, float* out) {
 // ------------------------------------------------------------------------------------ row blocking
 // One weight row at a time against up to 4 activation rows: each weight vector is loaded and
 // unpacked once for all of them, and the weights stream in order.
-constexpr int ROWS_PER_TASK = 32;   // bf16 weight rows per task: 16-128 KB of weights
+#ifndef KT_TASK_BYTES
+#define KT_TASK_BYTES (512 << 10)
+#endif
+// Weights per task: each task streams one contiguous range of rows. Measured on the 2-core Zen 4
+// box (a 201 MB bf16 GEMV, 2 threads): 128 KB tasks 24 GB/s, 512 KB 36, 2 MB 35; one thread reads
+// ~21 GB/s either way. Short ranges taken alternately by the two threads read at two-thirds the rate.
+constexpr int64_t TASK_BYTES = KT_TASK_BYTES;
+// With more than 4 activation rows a task reads its weights once per 4 rows: they must stay in L2
+// beside the activations (measured: float32 prefill of 128 tokens at half speed with 512 KB tasks).
+constexpr int64_t REUSED_TASK_BYTES = 128 << 10;
 
-// INT4 rows per task: about 64 KB of weights (longer streams), at least ROWS_PER_TASK rows.
-inline int64_t int4_task_rows(int64_t K) { return std::clamp<int64_t>((64 << 10) / std::max<int64_t>(K / 2, 1), ROWS_PER_TASK, 256); }
+// Tasks for n weight rows of row_bytes each, against m activation rows: about TASK_BYTES apiece
+// (REUSED_TASK_BYTES when m > 4); with balance, a multiple of the threads, so that on a quiet
+// machine every thread gets the same share.
+inline int64_t task_count(int64_t n, int64_t row_bytes, int64_t m, bool balance) {
+  const int64_t bytes = m > 4 ? REUSED_TASK_BYTES : TASK_BYTES;
+  int64_t tasks = std::clamp<int64_t>((n * row_bytes + bytes - 1) / bytes, 1, std::max<int64_t>(n, 1));
+  if (balance) {
+    int64_t threads = pool().threads();
+    tasks = std::min<int64_t>(std::max<int64_t>(n, 1), (tasks + threads - 1) / threads * threads);
+  }
+  return tasks;
+}
+
+// Rows [n0, n1) of task t when n rows are split into `tasks` near-equal parts.
+inline std::pair<int64_t, int64_t> task_range(int64_t t, int64_t tasks, int64_t n) {
+  return {n * t / tasks, n * (t + 1) / tasks};
+}
 
 template <int MR>
 using Rows = std::integral_constant<int, MR>;
@@ -392,6 +419,7 @@ struct Bf16Weight {
       bf16_row<decltype(mr)::value>(x, w + n * K, K, o);
     }, emit);
   }
+  int64_t row_bytes() const { return 2 * K; }
   static int64_t row_floats(int64_t K) { return bf16_blocks(K) * BF16_BLOCK; }
   static void prepare(const void* x, bool bf16, int64_t K, float* out) { bf16_prepare_row(x, bf16, K, out); }
 };
@@ -407,6 +435,8 @@ struct Int4Weight {
       int4_row<decltype(mr)::value>(x, w + n * ws, s + n * ss, L, o);
     }, emit);
   }
+  int64_t row_bytes() const { return row_bytes(L.K, L.G); }
+  static int64_t row_bytes(int64_t K, int64_t G) { return K / 2 + 2 * (K / G); }
   static int64_t row_floats(int64_t K) { return int4_blocks(K) * INT4_BLOCK; }
   static void prepare(const void* x, bool bf16, int64_t K, float* out) { int4_prepare_row(x, bf16, K, out); }
 };
@@ -429,12 +459,12 @@ template <class W>
 void linear(const W& weight, const void* x, bool x_bf16, int64_t M, int64_t K, int64_t N, void* y, bool y_bf16) {
   std::vector<float> buf;
   auto rows = prepare_rows<W>(x, x_bf16, M, K, buf);
-  int tasks = int((N + ROWS_PER_TASK - 1) / ROWS_PER_TASK);
+  const int64_t tasks = task_count(N, weight.row_bytes(), M, true);
   auto f = [&](int t) {
-    int64_t n0 = int64_t(t) * ROWS_PER_TASK, n1 = std::min<int64_t>(N, n0 + ROWS_PER_TASK);
+    auto [n0, n1] = task_range(t, tasks, N);
     weight.apply(n0, n1, M, rows.data(), [&](int64_t n, int64_t m, float v) { store_act(y, y_bf16, m * N + n, v); });
   };
-  parallel(tasks, f);
+  parallel(int(tasks), f);
 }
 
 inline float silu(float g) { return g / (1.0f + std::exp(-g)); }
@@ -472,23 +502,23 @@ void kt_mlp_bf16(const void* x, int x_bf16, int64_t M, int64_t D, int64_t I, con
   auto rows = prepare_rows<Bf16Weight>(x, x_bf16, M, D, xbuf);
   int64_t hf = Bf16Weight::row_floats(I);
   std::vector<float> g(size_t(M * I));
-  int tasks = int((I + ROWS_PER_TASK - 1) / ROWS_PER_TASK);
+  const int64_t tasks = task_count(I, 4 * D, M, true);   // a gate row and an up row
   auto f1 = [&](int t) {
-    int64_t n0 = int64_t(t) * ROWS_PER_TASK, n1 = std::min<int64_t>(I, n0 + ROWS_PER_TASK);
+    auto [n0, n1] = task_range(t, tasks, I);
     Bf16Weight{gate, D}.apply(n0, n1, M, rows.data(), [&](int64_t n, int64_t m, float v) { g[m * I + n] = v; });
     Bf16Weight{up, D}.apply(n0, n1, M, rows.data(), [&](int64_t n, int64_t m, float v) {
       hbuf[m * hf + (n / 32) * 32 + (n & 1) * 16 + (n % 32) / 2] = silu(g[m * I + n]) * v;
     });
   };
-  parallel(tasks, f1);
+  parallel(int(tasks), f1);
   std::vector<const float*> hrows(static_cast<size_t>(M));
   for (int64_t m = 0; m < M; ++m) hrows[m] = hbuf.data() + m * hf;
-  int tasks2 = int((D + ROWS_PER_TASK - 1) / ROWS_PER_TASK);
+  const int64_t tasks2 = task_count(D, 2 * I, M, true);
   auto f2 = [&](int t) {
-    int64_t n0 = int64_t(t) * ROWS_PER_TASK, n1 = std::min<int64_t>(D, n0 + ROWS_PER_TASK);
+    auto [n0, n1] = task_range(t, tasks2, D);
     Bf16Weight{down, I}.apply(n0, n1, M, hrows.data(), [&](int64_t n, int64_t m, float v) { store_act(y, y_bf16, m * D + n, v); });
   };
-  parallel(tasks2, f2);
+  parallel(int(tasks2), f2);
 }
 
 // Per-head matmuls of absorbed MLA attention, bf16 weights w[h * head_stride + r * row_stride + c].
@@ -572,9 +602,11 @@ void kt_moe_int4(const void* x, int x_bf16, int64_t T, int64_t D, int64_t I, int
   std::vector<float> h(size_t(T * K * hf), 0.0f), gbuf(size_t(T * K * I));   // per pair: silu(gate) * up
 
   // Phase 1: gate and up of every active expert, tasks over (expert, block of I rows).
-  const int64_t rows1 = int4_task_rows(D), iblocks = (I + rows1 - 1) / rows1;
+  const int64_t pairs_per_expert = T * K / std::max<int64_t>(int64_t(active.size()), 1);   // the mean
+  const int64_t iblocks = task_count(I, 2 * Int4Weight::row_bytes(D, G), pairs_per_expert, false);   // gate and up rows
   auto f1 = [&](int t) {
-    int64_t e = active[size_t(t / iblocks)], n0 = (t % iblocks) * rows1, n1 = std::min<int64_t>(I, n0 + rows1);
+    int64_t e = active[size_t(t / iblocks)];
+    auto [n0, n1] = task_range(t % iblocks, iblocks, I);
     const auto& pairs = by_expert[size_t(e)];
     std::vector<const float*> xs(pairs.size());
     for (size_t i = 0; i < pairs.size(); ++i) xs[i] = rows[size_t(pairs[i] / K)];
@@ -591,9 +623,10 @@ void kt_moe_int4(const void* x, int x_bf16, int64_t T, int64_t D, int64_t I, int
   // Phase 2: down of every active expert into each pair's own row, tasks over (expert, block of D
   // rows) so that each streams one expert's rows; then each token sums its pairs, in slot order.
   std::vector<float> out(size_t(T * K * D), 0.0f);
-  const int64_t rows2 = int4_task_rows(I), dblocks = (D + rows2 - 1) / rows2;
+  const int64_t dblocks = task_count(D, Int4Weight::row_bytes(I, G), pairs_per_expert, false);
   auto f2 = [&](int t) {
-    int64_t e = active[size_t(t / dblocks)], n0 = (t % dblocks) * rows2, n1 = std::min<int64_t>(D, n0 + rows2);
+    int64_t e = active[size_t(t / dblocks)];
+    auto [n0, n1] = task_range(t % dblocks, dblocks, D);
     const auto& pairs = by_expert[size_t(e)];
     std::vector<const float*> hs(pairs.size());
     for (size_t i = 0; i < pairs.size(); ++i) hs[i] = h.data() + pairs[i] * hf;
