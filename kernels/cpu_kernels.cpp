@@ -227,7 +227,7 @@ inline int64_t int4_blocks(int64_t K) { return (K + INT4_BLOCK - 1) / INT4_BLOCK
 
 struct Int4Layout {
   int64_t K, G;           // columns, group size (32, 64, 128 or a multiple of 128)
-  __m512i lane_group;     // group of float lane i within a block, relative to the block's first group
+  __m512i scale_index;    // 16-bit lane 2i + 1: the group of float lane i within a block, relative to its first group
   int per_block;          // scales a block spans
   bool split;             // float32 activations (the vpermps tile), else bf16 (the vdpbf16ps tile)
 };
@@ -235,19 +235,20 @@ struct Int4Layout {
 inline Int4Layout int4_layout(int64_t K, int64_t G, bool split) {
   Int4Layout l{K, G, _mm512_setzero_si512(), 1, split};
   if (G < INT4_BLOCK) {
-    alignas(64) int32_t idx[16];
-    for (int i = 0; i < 16; ++i) idx[i] = int32_t(8 * i / G);   // both unpackings: float lane i covers columns of group 8i/G
-    l.lane_group = _mm512_load_si512(idx);
+    alignas(64) int16_t idx[32] = {};
+    for (int i = 0; i < 16; ++i) idx[2 * i + 1] = int16_t(8 * i / G);   // both unpackings: float lane i covers columns of group 8i/G
+    l.scale_index = _mm512_load_si512(idx);
     l.per_block = int(INT4_BLOCK / G);
   }
   return l;
 }
 
-// Scales of NR rows for block b, as one float per lane.
+// Scales for block b, as one float per lane: each bf16 scale moved into the high half of its lanes
+// (a float32 with the same value), the low halves zeroed, by one vpermw.
 inline __m512 int4_scales(const uint16_t* s, int64_t b, const Int4Layout& L) {
   int64_t g0 = b * INT4_BLOCK / L.G, ns = std::min<int64_t>(L.per_block, L.K / L.G - g0);
-  __m256i s16 = _mm256_maskz_loadu_epi16(__mmask16((1u << ns) - 1), s + g0);
-  return _mm512_permutexvar_ps(L.lane_group, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(s16), 16)));
+  __m512i raw = _mm512_maskz_loadu_epi16(__mmask32((1u << ns) - 1), s + g0);
+  return _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16(__mmask32(0xaaaaaaaau), L.scale_index, raw));
 }
 
 inline __mmask16 int4_word_mask(int64_t K, int64_t b) {
@@ -463,6 +464,23 @@ void linear(const W& weight, const void* x, bool x_bf16, int64_t M, int64_t K, i
   auto f = [&](int t) {
     auto [n0, n1] = task_range(t, tasks, N);
     weight.apply(n0, n1, M, rows.data(), [&](int64_t n, int64_t m, float v) { store_act(y, y_bf16, m * N + n, v); });
+  };
+  parallel(int(tasks), f);
+}
+
+// y1 = x w1^T [M, N1] and y2 = x w2^T [M, N2], two bf16 weights of the same K, as one job (the rows
+// of w1 then w2, in equal shares): one wait for the threads instead of two, the activations prepared once.
+void linear_bf16_pair(const uint16_t* w1, int64_t N1, void* y1, const uint16_t* w2, int64_t N2, void* y2, const void* x,
+                      bool x_bf16, int64_t M, int64_t K, bool y_bf16) {
+  std::vector<float> buf;
+  auto rows = prepare_rows<Bf16Weight>(x, x_bf16, M, K, buf);
+  const int64_t N = N1 + N2, tasks = task_count(N, 2 * K, M, true);
+  auto f = [&](int t) {
+    auto [n0, n1] = task_range(t, tasks, N);
+    if (n0 < N1)
+      Bf16Weight{w1, K}.apply(n0, std::min(n1, N1), M, rows.data(), [&](int64_t n, int64_t m, float v) { store_act(y1, y_bf16, m * N1 + n, v); });
+    if (n1 > N1)
+      Bf16Weight{w2, K}.apply(std::max(n0, N1) - N1, n1 - N1, M, rows.data(), [&](int64_t n, int64_t m, float v) { store_act(y2, y_bf16, m * N2 + n, v); });
   };
   parallel(int(tasks), f);
 }
@@ -955,22 +973,18 @@ void kt_decode_step(const KtModel* m, int64_t B, const int64_t* tokens, const in
     // attention
     kt_rmsnorm(h.p(), bf, B, D, D, L.input_norm, bf, m->eps, xn.p(), bf);
     clock.lap(kSmallOps);
+    // q_a (or q_proj) and kv_a read the same input: one job
+    linear_bf16_pair(L.q_a ? L.q_a : L.q_b, L.q_a ? m->Lq : Q, L.q_a ? qa.p() : q.p(), L.kv_a, W, kva.p(), xn.p(), bf, B, D, bf);
+    clock.lap(kAttnProj);
     if (L.q_a) {
-      kt_linear_bf16(xn.p(), bf, B, D, L.q_a, m->Lq, qa.p(), bf);
-      clock.lap(kAttnProj);
       kt_rmsnorm(qa.p(), bf, B, m->Lq, m->Lq, L.q_a_norm, bf, m->latent_eps, qa.p(), bf);   // row by row: in place is safe
       clock.lap(kSmallOps);
       kt_linear_bf16(qa.p(), bf, B, m->Lq, L.q_b, Q, q.p(), bf);
-    } else {
-      kt_linear_bf16(xn.p(), bf, B, D, L.q_b, Q, q.p(), bf);
+      clock.lap(kAttnProj);
     }
-    clock.lap(kAttnProj);
     kt_rope(q.at(N), bf, B, H, R, Q, N + R, cs.data(), sn.data(), q_rope.p());
     for (int64_t b = 0; b < B; ++b)
       for (int64_t hd = 0; hd < H; ++hd) std::memcpy(q_nope.at((b * H + hd) * N), q.at(b * Q + hd * (N + R)), size_t(N) * es);
-    clock.lap(kSmallOps);
-    kt_linear_bf16(xn.p(), bf, B, D, L.kv_a, W, kva.p(), bf);
-    clock.lap(kAttnProj);
     kt_rmsnorm(kva.p(), bf, B, C, W, L.kv_a_norm, bf, m->latent_eps, latent.p(), bf);
     kt_rope(kva.at(C), bf, B, 1, R, W, R, cs.data(), sn.data(), k_rope.p());
     for (int64_t b = 0; b < B; ++b) {   // the new token's latent and rope key into its slot
