@@ -32,7 +32,8 @@ job ends when its tasks are done, not when every thread has reached a barrier, s
 OS has descheduled costs one task, not a time slice per op. torch's pool does wait at barriers: with
 the machine shared (load average ~11 on 2 cores) a bf16 decode of the benchmark model ran at 0.9
 tok/s with 2 torch threads inside the step and 3.8 with 1 (kernels on 2 threads; 3.2 with the
-kernels on 1), so decode steps run torch's small ops on one thread (ops.decode_threads).
+kernels on 1), so decode steps run torch's small ops on one thread (ops.small_ops_threads; that
+also keeps torch's OpenMP workers from spinning on the kernels' cores after a parallel op).
 
 Build: `$CXX` (default `c++`) with -O3 -march=native into `$KIMI_ENGINE_CACHE` (default
 ~/.cache/kimi_engine), named by a hash of the source, the flags, the compiler and this CPU's

@@ -54,15 +54,17 @@ def set_threads(n: int | None = None) -> int:
 
 
 @contextlib.contextmanager
-def decode_threads(tokens: torch.Tensor):
-    """Around a forward pass: a CPU decode step (one new token per sequence) whose heavy ops run on
-    the CPU kernels runs torch's own ops on one thread. They are small (norms, rope, routing, the
-    attention over the cache), and torch's pool waits at a barrier after each one: on a machine
-    whose cores are shared, each barrier can wait a whole time slice for a descheduled thread
-    (measured: 1.3-6 tok/s with 2 torch threads against 9-15 with 1, while other jobs ran). The
-    kernels' own pool does not wait for late threads (cpu_kernels.cpp), so it keeps every thread."""
-    single = (tokens.device.type == "cpu" and tokens.dim() == 2 and tokens.shape[1] == 1
-              and kernel_mode() == "auto" and torch.get_num_threads() > 1 and cpu_kernels.available())
+def small_ops_threads(device: torch.device, small: bool = True):
+    """Around CPU work whose heavy ops run on the CPU kernels (a decode step; sampling its logits),
+    when `small`: torch's own ops, all small, run on one thread. Two reasons, both measured on the
+    shared 2-core box. torch's pool waits at a barrier after each op: with the cores shared, each can
+    wait a whole time slice for a descheduled thread (1.3-6 decode tok/s with 2 torch threads
+    against 9-15 with 1, while other jobs ran). And its OpenMP workers spin after each parallel op,
+    taking a core from the kernels' pool: one 2-thread index op per sampled token (the scheduler's
+    logits[idx]) slowed the benchmark model's decode step from 23 to 29 ms. The kernels' own pool does
+    not wait for late threads (cpu_kernels.cpp), so it keeps every thread."""
+    single = (small and device.type == "cpu" and kernel_mode() == "auto" and torch.get_num_threads() > 1
+              and cpu_kernels.available())
     if not single:
         yield
         return
@@ -72,6 +74,11 @@ def decode_threads(tokens: torch.Tensor):
         yield
     finally:
         torch.set_num_threads(n)
+
+
+def decode_threads(tokens: torch.Tensor):
+    """small_ops_threads around a forward pass that is a decode step (one new token per sequence)."""
+    return small_ops_threads(tokens.device, tokens.dim() == 2 and tokens.shape[1] == 1)
 
 
 def use_cpu_kernels(x: torch.Tensor, *weights: tuple[torch.Tensor, torch.Tensor]) -> bool:

@@ -276,3 +276,20 @@ def test_decode_steps_run_torch_on_one_thread(monkeypatch):
             ops.set_threads(0)
     finally:
         torch.set_num_threads(before)
+
+
+def test_decode_only_steps_sample_on_one_thread(tiny_engine, monkeypatch):
+    """A decode-only scheduler step runs all of its torch ops (sampling too) on one thread: a parallel
+    torch op leaves OpenMP workers spinning on the cores the kernels' pool needs (ops.small_ops_threads).
+    A step that prefills keeps every thread."""
+    from kimi_engine.runtime import scheduler
+    seen = []
+    sample = scheduler.sample
+    monkeypatch.setattr(scheduler, "sample", lambda *a: seen.append(torch.get_num_threads()) or sample(*a))
+    before = torch.get_num_threads()
+    ops.set_threads(2)
+    try:
+        tiny_engine.generate([5, 6, 7], max_new_tokens=4, temperature=0.0)
+        assert seen == [2, 1, 1, 1] and torch.get_num_threads() == 2   # the first token comes from the prompt's step
+    finally:
+        ops.set_threads(before)

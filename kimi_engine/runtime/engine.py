@@ -556,7 +556,8 @@ def load(path: str | Path | None = None, device: torch.device | str | None = Non
     model; None: the whole model here. cuda_graphs: decode steps replay CUDA graphs, captured once
     per batch-size bucket (cuda_graphs.py); needs the Triton kernels and INT4 experts.
     threads (CPU): the threads of the CPU kernels and of torch (default: the CPUs this process may
-    run on); decode steps run torch's small ops on one thread whatever the setting (ops.decode_threads).
+    run on); decode-only steps run torch's small ops (sampling too) on one thread whatever the
+    setting (ops.small_ops_threads).
     """
     for name, value in (("max_batch_size", max_batch_size), ("prefill_chunk", prefill_chunk)):
         if not _is_int(value) or value < 1:

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import ops
 from .blocks import BlockManager
 from .request import Completion, Delta, Request, TextStream
 from .runner import Prefill, Runner, StepPlan
@@ -165,6 +166,11 @@ class Scheduler:
             self._unstick()
             return
         plan.num_blocks, plan.copies = self.blocks.pools.num_blocks, self.blocks.take_copies()
+        # A step of decodes only: every torch op in it is small (see ops.small_ops_threads).
+        with ops.small_ops_threads(self.runner.device, small=not prefills):
+            self._run(plan, decode, prefills)
+
+    def _run(self, plan: StepPlan, decode: list[Sequence], prefills: list[tuple[Sequence, int]]) -> None:
         decode_logits, prefill_logits = self.runner.execute(plan)
         self.stats.decode_tokens += len(decode)
         self.stats.prefill_tokens += sum(take for _, take in prefills)
