@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 import kimi_engine  # noqa: E402
-from kimi_engine import ops  # noqa: E402
+from kimi_engine import cpu_step, ops  # noqa: E402
 from kimi_engine.checkpoint import read_headers  # noqa: E402
 from kimi_engine.config import ModelConfig  # noqa: E402
 from kimi_engine.synthetic import kimi_k2_config, write_random_checkpoint  # noqa: E402
@@ -90,13 +90,20 @@ class Kimi:
         self.threads = threads
         ops.set_threads(threads)
         self.engine = kimi_engine.load(path, dtype=dtype, device="cpu", progress=False)
+        self.phases: dict[str, list[float]] = {}   # per round: ms per decode step in each of cpu_step.PHASES
 
     def run(self, prompt: list[int], n: int) -> tuple[float, float]:
         """(prefill seconds for the prompt, median seconds per decoded token)."""
         ops.set_threads(self.threads)
         start, stamps = time.perf_counter(), []
-        for _ in self.engine.generate(prompt, max_new_tokens=n + 1, temperature=0.0, stream=True):
-            stamps.append(time.perf_counter())
+        stream = self.engine.generate(prompt, max_new_tokens=n + 1, temperature=0.0, stream=True)
+        next(stream)   # the prompt's step
+        stamps.append(time.perf_counter())
+        with cpu_step.phase_timings() as seconds:
+            for _ in stream:
+                stamps.append(time.perf_counter())
+        for phase, s in seconds.items():
+            self.phases.setdefault(phase, []).append(s / n * 1e3)
         return stamps[0] - start, statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
 
 
@@ -210,6 +217,7 @@ def main(argv: list[str] | None = None) -> None:
         bw = max(bw, read_bandwidth(args.threads)[0])   # sampled again each round: the best seen is the machine's
     floor_ms = step_bytes / (bw * 1e9) * 1e3
     report(results, args, floor_ms, step_bytes, bw)
+    report_phases({n: e for n, e in engines.items() if isinstance(e, Kimi)})
 
 
 def report(results, args, floor_ms: float, step_bytes: int, bw: float) -> None:
@@ -229,6 +237,19 @@ def report(results, args, floor_ms: float, step_bytes: int, bw: float) -> None:
               f"{step_bytes * d / 1e9:.1f} | {100 * floor_ms * d / 1e3:.0f}% | {ratio} | {pf:.1f} | {pratio} |")
     print(f"\nfloor: {step_bytes / 1e6:.0f} MB/token at {bw:.1f} GB/s = {floor_ms:.1f} ms; "
           f"llama.cpp decodes fed token ids (its logits computed every step), kimi-engine greedy.")
+
+
+def report_phases(kimis: dict[str, Kimi]) -> None:
+    """Where kimi-engine's decode step goes (kt_decode_step's own clock; medians over rounds)."""
+    kimis = {n: e for n, e in kimis.items() if sum(map(sum, e.phases.values())) > 0}   # the step kernel ran
+    if not kimis:
+        return
+    print("\n| ms per decode step | " + " | ".join(kimis) + " |")
+    print("|---|" + "---:|" * len(kimis))
+    for phase in cpu_step.PHASES:
+        print(f"| {phase} | " + " | ".join(f"{statistics.median(e.phases[phase]):.2f}" for e in kimis.values()) + " |")
+    print("| total in the step kernel | " + " | ".join(
+        f"{sum(statistics.median(e.phases[p]) for p in cpu_step.PHASES):.2f}" for e in kimis.values()) + " |")
 
 
 if __name__ == "__main__":
