@@ -1,5 +1,6 @@
 // CPU decode kernels for kimi-engine: bf16 and INT4 (Kimi's pack-quantized layout) matmuls with
-// float32 activations and accumulation, a fused SiLU-gated MLP, and a fused routed-expert MoE.
+// float32 activations and accumulation, a fused SiLU-gated MLP, a fused routed-expert MoE, absorbed
+// MLA attention, RMSNorm, rope, the router, and a whole decode step built from them (kt_decode_step).
 // Plain C ABI, no torch headers (builds in a second or two; loaded with ctypes by cpu.py).
 // Weights are read once per call whatever the number of rows; the activations are rearranged
 // once per call so that each weight vector unpacks with one or two instructions.
@@ -170,7 +171,9 @@ void bf16_prepare_row(const void* x, bool bf16, int64_t K, float* out) {
 
 // Weight rows are streamed one at a time, front to back, with a software prefetch PREFETCH_BYTES
 // ahead: measured on the 2-core Zen 4 box, rows read 4 at a time (4 streams) or without the prefetch
-// left a core at 60-80% of its DRAM read bandwidth, each task starting new streams cold.
+// left a core at 60-80% of its DRAM read bandwidth, each task starting new streams cold. The
+// distance hardly matters (512 B to 8 KB within noise for bf16 and INT4 rows). KT_* macros: for
+// experiments (-DKT_PREFETCH_BYTES=..., -DKT_TASK_BYTES=...).
 #ifndef KT_PREFETCH_BYTES
 #define KT_PREFETCH_BYTES 1024
 #endif

@@ -60,9 +60,9 @@ def small_ops_threads(device: torch.device, small: bool = True):
     shared 2-core box. torch's pool waits at a barrier after each op: with the cores shared, each can
     wait a whole time slice for a descheduled thread (1.3-6 decode tok/s with 2 torch threads
     against 9-15 with 1, while other jobs ran). And its OpenMP workers spin after each parallel op,
-    taking a core from the kernels' pool: one 2-thread index op per sampled token (the scheduler's
-    logits[idx]) slowed the benchmark model's decode step from 23 to 29 ms. The kernels' own pool does
-    not wait for late threads (cpu_kernels.cpp), so it keeps every thread."""
+    taking a core from the kernels' pool: with sampling's ops on 2 threads (an index op over the
+    logits among them) the benchmark model's decode step took 29 ms, with all on one 23. The kernels'
+    own pool does not wait for late threads (cpu_kernels.cpp), so it keeps every thread."""
     single = (small and device.type == "cpu" and kernel_mode() == "auto" and torch.get_num_threads() > 1
               and cpu_kernels.available())
     if not single:
