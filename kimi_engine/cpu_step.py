@@ -157,12 +157,10 @@ class Plan:
         table = batch.block_table.to(torch.int32).contiguous()
         lens = batch.seq_lens.to(torch.int32).contiguous()
         # The kernel trusts its indices; out-of-range ones raise here, as the modules' lookups would.
-        if B and (int(ids.min()) < 0 or int(ids.max()) >= model.config.vocab_size):
-            raise IndexError(f"token ids must be in [0, {model.config.vocab_size}), got {ids.tolist()}")
-        if B and (int(positions.min()) < 0 or int(positions.max()) >= model.rope_cos.shape[0]):
-            raise IndexError(f"positions {positions.tolist()} are outside the rope tables' {model.rope_cos.shape[0]}")
-        if B and (int(slots.min()) < 0 or int(slots.max()) >= cache.num_blocks * cache.block_size):
-            raise IndexError(f"cache slots {slots.tolist()} are outside the cache's {cache.num_blocks * cache.block_size}")
+        for name, t, end in (("token ids", ids, model.config.vocab_size), ("positions", positions, model.rope_cos.shape[0]),
+                             ("cache slots", slots, cache.num_blocks * cache.block_size)):
+            if B and (int(t.min()) < 0 or int(t.max()) >= end):
+                raise IndexError(f"{name} must be in [0, {end}), got {t.tolist()}")
         pools = (ctypes.c_void_p * len(cache.kv))(*(p.data_ptr() for p in cache.kv))
         cos, sin = model.rope_cos.contiguous(), model.rope_sin.contiguous()
         logits = torch.empty(B, model.config.vocab_size, dtype=self.act_dtype)
