@@ -248,15 +248,28 @@ inline Int4Layout int4_layout(int64_t K, int64_t G, bool split) {
 
 // Scales for block b, as one float per lane: each bf16 scale moved into the high half of its lanes
 // (a float32 with the same value), the low halves zeroed, by one vpermw.
-inline __m512 int4_scales(const uint16_t* s, int64_t b, const Int4Layout& L) {
-  int64_t g0 = b * INT4_BLOCK / L.G, ns = std::min<int64_t>(L.per_block, L.K / L.G - g0);
-  __m512i raw = _mm512_maskz_loadu_epi16(__mmask32((1u << ns) - 1), s + g0);
+inline __m512 int4_scale_lanes(__m512i raw, const Int4Layout& L) {
   return _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16(__mmask32(0xaaaaaaaau), L.scale_index, raw));
 }
 
-inline __mmask16 int4_word_mask(int64_t K, int64_t b) {
-  int64_t words = std::min<int64_t>(16, (K - b * INT4_BLOCK) / 8);
-  return words >= 16 ? __mmask16(0xffff) : __mmask16((1u << words) - 1);
+// f(b, words, scales) for every block b of a row: the full blocks with plain loads, then the partial
+// one (K not a multiple of 128) with masked ones, its index arithmetic (two divisions, a min) kept
+// out of the loop (measured: the 64-expert MoE of benchmarks/bench_cpu.py, 128 tokens, ~10% faster).
+template <class F>
+inline void int4_for_blocks(const int32_t* w, const uint16_t* s, const Int4Layout& L, F f) {
+  const int64_t full = L.K / INT4_BLOCK;
+  const __mmask32 scale_mask = __mmask32((1u << L.per_block) - 1);
+  for (int64_t b = 0; b < full; ++b) {
+    prefetch(w + b * 16);
+    const int64_t g0 = L.G <= INT4_BLOCK ? b * L.per_block : b * INT4_BLOCK / L.G;
+    f(b, _mm512_loadu_si512(w + b * 16), int4_scale_lanes(_mm512_maskz_loadu_epi16(scale_mask, s + g0), L));
+  }
+  if (L.K % INT4_BLOCK) {
+    const int64_t g0 = full * INT4_BLOCK / L.G, ns = std::min<int64_t>(L.per_block, L.K / L.G - g0);
+    const __mmask16 words = __mmask16((1u << ((L.K - full * INT4_BLOCK) / 8)) - 1);
+    f(full, _mm512_maskz_loadu_epi32(words, w + full * 16),
+      int4_scale_lanes(_mm512_maskz_loadu_epi16(__mmask32((1u << ns) - 1), s + g0), L));
+  }
 }
 
 #ifdef __AVX512BF16__
@@ -283,14 +296,10 @@ inline void int4_row_bh(const float* const* xs, const int32_t* w, const uint16_t
   const __m512i table = _mm512_load_si512(table_words);
   __m512 acc[MR];
   for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_ps();
-  int64_t nb = int4_blocks(L.K);
-  for (int64_t b = 0; b < nb; ++b) {
-    prefetch(w + b * 16);
-    __m512i v = _mm512_maskz_loadu_epi32(int4_word_mask(L.K, b), w + b * 16);
+  int4_for_blocks(w, s, L, [&](int64_t b, __m512i v, __m512 sv) {
     __m512i q[4] = {_mm512_permutexvar_epi16(v, table), _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), table),
                     _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 8), table),
                     _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 12), table)};
-    __m512 sv = int4_scales(s, b, L);
     for (int m = 0; m < MR; ++m) {
       const uint16_t* xb = reinterpret_cast<const uint16_t*>(xs[m] + b * INT4_BLOCK);
       // Two independent chains: vdpbf16ps has a latency of several cycles.
@@ -300,7 +309,7 @@ inline void int4_row_bh(const float* const* xs, const int32_t* w, const uint16_t
       t1 = _mm512_dpbf16_ps(t1, as_bh(q[3]), as_bh(_mm512_loadu_si512(xb + 96)));
       acc[m] = _mm512_fmadd_ps(_mm512_add_ps(t0, t1), sv, acc[m]);
     }
-  }
+  });
   for (int m = 0; m < MR; ++m) out[m] = _mm512_reduce_add_ps(acc[m]);
 }
 #endif
@@ -318,11 +327,8 @@ inline void int4_row_ps(const float* const* xs, const int32_t* w, const uint16_t
   const __m512 table = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
   __m512 acc[MR];
   for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_ps();
-  int64_t nb = int4_blocks(L.K);
-  for (int64_t b = 0; b < nb; ++b) {
-    prefetch(w + b * 16);
-    __m512i wv = _mm512_maskz_loadu_epi32(int4_word_mask(L.K, b), w + b * 16);
-    __m512 sv = int4_scales(s, b, L), t[MR][2];
+  int4_for_blocks(w, s, L, [&](int64_t b, __m512i wv, __m512 sv) {
+    __m512 t[MR][2];
     for (int m = 0; m < MR; ++m) t[m][0] = t[m][1] = _mm512_setzero_ps();
 #pragma GCC unroll 8
     for (int j = 0; j < 8; ++j) {   // two chains (even and odd j): the FMA latency
@@ -332,7 +338,7 @@ inline void int4_row_ps(const float* const* xs, const int32_t* w, const uint16_t
         t[m][j & 1] = _mm512_fmadd_ps(q, _mm512_loadu_ps(xs[m] + b * INT4_BLOCK + 16 * j), t[m][j & 1]);
     }
     for (int m = 0; m < MR; ++m) acc[m] = _mm512_fmadd_ps(_mm512_add_ps(t[m][0], t[m][1]), sv, acc[m]);
-  }
+  });
   for (int m = 0; m < MR; ++m) out[m] = _mm512_reduce_add_ps(acc[m]);
 }
 
