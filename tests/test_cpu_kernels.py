@@ -63,7 +63,7 @@ def test_mlp_bf16(M, D, I, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("M,H,N,V,C", [(1, 3, 16, 8, 40), (2, 4, 24, 16, 160)])
+@pytest.mark.parametrize("M,H,N,V,C", [(1, 3, 16, 8, 40), (2, 4, 24, 16, 160), (3, 2, 19, 8, 72)])
 def test_absorbed_mla_heads(M, H, N, V, C, dtype):
     g = torch.Generator().manual_seed(M * H + C)
     kv_b = (torch.randn(H * (N + V), C, generator=g) * C ** -0.5).bfloat16()
