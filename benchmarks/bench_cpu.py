@@ -69,6 +69,40 @@ def decode_bytes(path: Path, config: ModelConfig) -> int:
     return int(total)
 
 
+def prefill_flop(path: Path, config: ModelConfig, tokens: int) -> float:
+    """Floating-point operations of prefilling `tokens` prompt tokens: 2 per weight a token meets
+    (every matrix but the embedding; top_k of n_routed_experts experts per MoE layer), lm_head once
+    (for the last token, as the engines do), and causal attention over the prompt."""
+    per_token = lm_head = 0.0
+    for key, info in read_headers(path).items():
+        if len(info.shape) != 2 or key.endswith(("embed_tokens.weight", "weight_scale")):
+            continue
+        n = info.shape[0] * info.shape[1]
+        if key.endswith("weight_packed"):   # int32 words of 8 INT4 weights
+            n = n * 8 * config.num_experts_per_tok / config.n_routed_experts
+        if key == "lm_head.weight":
+            lm_head = n
+        else:
+            per_token += n
+    c = config
+    attention = c.num_hidden_layers * c.num_attention_heads * (c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim)
+    return 2 * (tokens * per_token + lm_head + attention * tokens * (tokens + 1) / 2)
+
+
+def gemm_rate(threads: int, rows: int, dtype: torch.dtype, reps: int = 9) -> float:
+    """Best GFLOP/s of torch's own GEMM (oneDNN) at a prefill's shape: [rows, 2048] x [2048, 2048]."""
+    torch.set_num_threads(threads)
+    x, w = torch.randn(rows, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+    torch.nn.functional.linear(x, w)
+    best = 0.0
+    for _ in range(reps):
+        t = time.perf_counter()
+        for _ in range(4):
+            torch.nn.functional.linear(x, w)
+        best = max(best, 4 * 2 * rows * 2048 * 2048 / (time.perf_counter() - t) / 1e9)
+    return best
+
+
 def read_bandwidth(threads: int, nbytes: int = 1 << 30, reps: int = 9) -> tuple[float, float]:
     """(best, median) GB/s of a float32 sum over nbytes: the best is what the memory system can deliver
     to reads (other jobs on the machine only ever slow a run down), the median how busy it is."""
@@ -89,7 +123,8 @@ class Kimi:
     def __init__(self, path: Path, dtype: torch.dtype, threads: int):
         self.threads = threads
         ops.set_threads(threads)
-        self.engine = kimi_engine.load(path, dtype=dtype, device="cpu", progress=False)
+        # No prefix cache: every round prefills the whole prompt, as llama.cpp's does after reset().
+        self.engine = kimi_engine.load(path, dtype=dtype, device="cpu", progress=False, prefix_cache=False)
         self.phases: dict[str, list[float]] = {}   # per round: ms per decode step in each of cpu_step.PHASES
 
     def run(self, prompt: list[int], n: int) -> tuple[float, float]:
@@ -197,6 +232,10 @@ def main(argv: list[str] | None = None) -> None:
     floor_ms = step_bytes / (bw * 1e9) * 1e3
     print(f"{os.cpu_count()} CPUs, {args.threads} threads; read bandwidth {bw:.1f} GB/s (best of 9; median {bw_median:.1f}); "
           f"{step_bytes / 1e6:.0f} MB read per decode token -> floor {floor_ms:.1f} ms ({1e3 / floor_ms:.1f} tok/s)")
+    gemm = {dtype: gemm_rate(args.threads, args.prompt, dtype) for dtype in (torch.bfloat16, torch.float32)}
+    print(f"torch GEMM at the prefill's shape ({args.prompt} x 2048 x 2048): bf16 {gemm[torch.bfloat16]:.0f} GFLOP/s, "
+          f"float32 {gemm[torch.float32]:.0f}; prefilling {args.prompt} tokens is "
+          f"{prefill_flop(path, config, args.prompt) / 1e9:.1f} GFLOP")
 
     engines = {}
     for name in args.engines.split(","):
@@ -217,6 +256,7 @@ def main(argv: list[str] | None = None) -> None:
         bw = max(bw, read_bandwidth(args.threads)[0])   # sampled again each round: the best seen is the machine's
     floor_ms = step_bytes / (bw * 1e9) * 1e3
     report(results, args, floor_ms, step_bytes, bw)
+    report_prefill(results, args, prefill_flop(path, config, args.prompt), gemm[torch.bfloat16])
     report_phases({n: e for n, e in engines.items() if isinstance(e, Kimi)})
 
 
@@ -224,19 +264,32 @@ def report(results, args, floor_ms: float, step_bytes: int, bw: float) -> None:
     def med(v):
         return statistics.median(v)
     decode = {n: [1 / s for _, s in v] for n, v in results.items()}
-    prefill = {n: [args.prompt / p for p, _ in v] for n, v in results.items()}
     base = "llama-q4exp" if "llama-q4exp" in results else None
     print(f"\n| engine ({args.threads} threads) | decode tok/s median (range) | ms/token | GB/s | % of floor "
-          f"| vs llama.cpp same bits | prefill tok/s ({args.prompt} tokens) | prefill vs llama.cpp same bits |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+          f"| vs llama.cpp same bits |")
+    print("|---|---:|---:|---:|---:|---:|")
     for n in results:
-        d, pf = med(decode[n]), med(prefill[n])
+        d = med(decode[n])
         ratio = f"{d / med(decode[base]):.2f}x" if base else "-"
-        pratio = f"{pf / med(prefill[base]):.2f}x" if base else "-"
         print(f"| {n} | {d:.1f} ({min(decode[n]):.1f}-{max(decode[n]):.1f}) | {1e3 / d:.1f} | "
-              f"{step_bytes * d / 1e9:.1f} | {100 * floor_ms * d / 1e3:.0f}% | {ratio} | {pf:.1f} | {pratio} |")
+              f"{step_bytes * d / 1e9:.1f} | {100 * floor_ms * d / 1e3:.0f}% | {ratio} |")
     print(f"\nfloor: {step_bytes / 1e6:.0f} MB/token at {bw:.1f} GB/s = {floor_ms:.1f} ms; "
           f"llama.cpp decodes fed token ids (its logits computed every step), kimi-engine greedy.")
+
+
+def report_prefill(results, args, flop: float, gemm_bf16: float) -> None:
+    """Prefill against the machine's FLOP/s: torch's bf16 GEMM at the same row count is the roofline
+    a CPU prefill can reach here (AVX512-BF16 through oneDNN)."""
+    prefill = {n: [args.prompt / p for p, _ in v] for n, v in results.items()}
+    base = "llama-q4exp" if "llama-q4exp" in results else None
+    print(f"\n| engine | prefill tok/s ({args.prompt} tokens) median (range) | GFLOP/s | % of torch bf16 GEMM "
+          f"({gemm_bf16:.0f} GFLOP/s) | vs llama.cpp same bits |")
+    print("|---|---:|---:|---:|---:|")
+    for n, v in prefill.items():
+        pf = statistics.median(v)
+        rate = flop * pf / args.prompt / 1e9
+        ratio = f"{pf / statistics.median(prefill[base]):.2f}x" if base else "-"
+        print(f"| {n} | {pf:.0f} ({min(v):.0f}-{max(v):.0f}) | {rate:.0f} | {100 * rate / gemm_bf16:.0f}% | {ratio} |")
 
 
 def report_phases(kimis: dict[str, Kimi]) -> None:

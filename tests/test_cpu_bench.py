@@ -65,3 +65,19 @@ def test_decode_bytes_counts_touched_experts(tmp_path):
     others = sum(i.nbytes for i in infos.values()) - experts - embed
     want = others + embed // config.vocab_size + experts * config.num_experts_per_tok / config.n_routed_experts
     assert decode_bytes(path, config) == int(want)
+
+
+def test_prefill_flop_counts_what_a_token_meets(tmp_path):
+    from bench_cpu import prefill_flop
+    c = tiny_config()
+    path = write_random_checkpoint(tmp_path / "c", c)
+    D, H, T = c.hidden_size, c.num_attention_heads, 5
+    attn = (c.q_lora_rank * D + H * (c.qk_nope_head_dim + c.qk_rope_head_dim) * c.q_lora_rank
+            + (c.kv_lora_rank + c.qk_rope_head_dim) * D + H * (c.qk_nope_head_dim + c.v_head_dim) * c.kv_lora_rank
+            + D * H * c.v_head_dim)
+    moe_layers = c.num_hidden_layers - c.first_k_dense_replace
+    ffn = (c.first_k_dense_replace * 3 * D * c.intermediate_size
+           + moe_layers * (c.n_routed_experts * D + 3 * D * c.moe_intermediate_size * (c.n_shared_experts + c.num_experts_per_tok)))
+    per_token = c.num_hidden_layers * attn + ffn
+    scores = c.num_hidden_layers * H * (c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim) * T * (T + 1) / 2
+    assert prefill_flop(path, c, T) == pytest.approx(2 * (T * per_token + c.vocab_size * D + scores))

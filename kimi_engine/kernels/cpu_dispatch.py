@@ -19,10 +19,14 @@ import torch
 from . import cpu
 
 ACT_DTYPES = cpu.ACT_DTYPES
-# bf16 activations with more rows than this (prefill) go to torch's bf16 GEMM (oneDNN, AVX512-BF16),
-# measured 137-178 GFLOP/s at 128-512 rows on 2 cores against ~50 here; float32 ones always stay here
-# (torch's float32 GEMM: 37-51 GFLOP/s, on weights twice the size).
-MAX_BF16_ROWS = 64
+# Dense products with more rows than this go to torch's GEMM (oneDNN): the kernels here stream the
+# weights once for up to 4 rows at a time and compute with float32 FMAs, oneDNN blocks for registers
+# and (bf16) multiplies with vdpbf16ps. Measured on the 2-core Zen 4 box, a [M, 2048] x [2048, 2048]
+# product over weights cycled through 192 MB (not in cache), GFLOP/s here vs torch:
+#   bf16:    M=3 61 vs 52, M=4 63 vs 68, M=5 61 vs 77, M=8 42-69 vs 101-119, M=64 79 vs 286
+#   float32: M=12 76 vs 46, M=16 65 vs 60, M=20 68 vs 68, M=32 45-79 vs 82-97, M=128 121 vs 151
+# (torch's float32 GEMM reads the model's float32 weights, twice the bytes).
+MAX_ROWS = {torch.bfloat16: 4, torch.float32: 16}
 
 # id(weight) -> ((id, data_ptr, version), bf16 copy or None when the weight is not exactly bf16)
 _bf16: dict[int, tuple[tuple, torch.Tensor | None]] = {}
@@ -55,8 +59,10 @@ def bf16_weight(w: torch.Tensor) -> torch.Tensor | None:
     return copy if exact else None
 
 
-def dense_rows_ok(x: torch.Tensor) -> bool:
-    return _acts_ok(x) and (x.dtype == torch.float32 or x.reshape(-1, x.shape[-1]).shape[0] <= MAX_BF16_ROWS)
+def dense_rows_ok(x: torch.Tensor, rows: int | None = None) -> bool:
+    """Whether a dense product of x (rows: its rows, default all but the last dim) runs here."""
+    rows = x.reshape(-1, x.shape[-1]).shape[0] if rows is None else rows
+    return _acts_ok(x) and rows <= MAX_ROWS[x.dtype]
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor | None:
@@ -97,7 +103,7 @@ def int4_ok(x: torch.Tensor, *weights: tuple[torch.Tensor, torch.Tensor]) -> boo
 def mla_heads(x: torch.Tensor, kv_b: torch.Tensor, n_heads: int, first_row: int, n_rows: int,
               transposed: bool) -> torch.Tensor | None:
     """Absorbed MLA's per-head products (cpu.heads_bf16) on x [B, S, H, *], or None where not taken."""
-    if kv_b.device.type != "cpu" or not dense_rows_ok(x.flatten(0, 1)):
+    if kv_b.device.type != "cpu" or not dense_rows_ok(x, rows=x.shape[0] * x.shape[1]):   # rows: tokens
         return None
     w = bf16_weight(kv_b)
     if w is None:
