@@ -14,8 +14,8 @@ Why this and not the alternatives (measured on this 2-core AMD EPYC Zen 4 VM, AV
 DeepSeek-V3 layers of hidden 2048):
   - torch's `_weight_int4pack_mm_for_cpu` reads INT4 at ~6.5 GB/s in bf16 and ~0.13 GB/s in
     float32; bf16 `F.linear` streams at ~9-19 GB/s, float32 at ~15 GB/s but over twice the bytes.
-    Here: the 131 MB lm_head at 22-25 GB/s on 2 threads (torch bf16: 13-19), INT4 at ~7 GB/s per
-    core from DRAM, 26-32 GMAC/s per core from L2.
+    Here: the 131 MB lm_head at 22-34 GB/s on 2 threads (busy to quiet machine; torch bf16: 13-19),
+    the 64-expert MoE layer of the benchmark model at 21-26 GB/s from DRAM.
   - The reference MoE is a Python loop of ~10 torch ops per expert; the absorbed-MLA einsums copy
     a transposed kv_b weight every step (2 MB per layer). Fewer, larger calls also mean fewer
     thread wake-ups per step, which is what collapses on a shared machine (below).
@@ -29,6 +29,12 @@ DeepSeek-V3 layers of hidden 2048):
     in bf16 (oneDNN's vdpbf16ps: 101-119 GFLOP/s at 8 rows, 377 at 128, against 42-80 here),
     more than 16 in float32 (cpu_dispatch.MAX_ROWS has the measurements). A batched decode step
     stays here whatever its batch (cpu_step: 86 tok/s at batch 8 against 66 through the modules).
+  - Tried and not kept (in-engine A/B, one process per variant, alternating): int8 activations for
+    the experts (vpdpbusd: llama.cpp's Q4_0 x Q8_0 arithmetic, half the instructions per weight):
+    a batch-1 MoE layer no faster (1.18-1.41 ms against 1.21-1.35 exact), 8% faster at 128 tokens,
+    ~1.2% relative error in its output; transparent huge pages for the weights
+    (THP_MEM_ALLOC_ENABLE=1: 46.4 against 45.3 tok/s, within the noise); prefetch distances and hints
+    (37.1-38.4 tok/s, within the noise). A batch-1 step is bound by how fast two cores stream.
 
 Threading: the kernels have their own pool (set_threads; ops.set_threads sets it and torch's). A
 job ends when its tasks are done, not when every thread has reached a barrier, so a worker that the
