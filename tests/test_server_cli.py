@@ -1,7 +1,9 @@
-"""`kimi-engine serve` as a real process: it loads, serves, and exits cleanly on SIGTERM mid-stream."""
+"""`kimi-engine serve` as a real process: it loads, serves, and exits cleanly on SIGTERM mid-stream; its flags reach load()."""
 
 from __future__ import annotations
 
+import argparse
+import inspect
 import json
 import os
 import signal
@@ -16,6 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from kimi_engine.runtime import engine as engine_module
+from kimi_engine.server.main import add_arguments, load_kwargs
 from tests.server_helpers import wait_until
 
 
@@ -122,3 +126,17 @@ def test_serve_under_torchrun_world_size_2():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_serve_flags_reach_load():
+    """--kv-cache-tokens, --no-prefix-cache and --max-batch-size become load()'s arguments, and a
+    flag this build's load() lacks is refused, not dropped."""
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args(["--kv-cache-tokens", "4096", "--no-prefix-cache", "--max-batch-size", "3"])
+    kwargs = load_kwargs(args, inspect.signature(engine_module.load).parameters)
+    assert kwargs == {"max_batch_size": 3, "kv_cache_tokens": 4096, "prefix_cache": False}
+    engine = engine_module.load(device="cpu", progress=False, **kwargs)
+    assert engine.kv_cache_tokens == 4096 and engine.max_batch_size == 3
+    with pytest.raises(ValueError, match="--kv-cache-tokens: this engine build's load"):
+        load_kwargs(args, {"max_batch_size", "prefix_cache"})
