@@ -76,8 +76,9 @@ def test_prefill_flop_counts_what_a_token_meets(tmp_path):
             + (c.kv_lora_rank + c.qk_rope_head_dim) * D + H * (c.qk_nope_head_dim + c.v_head_dim) * c.kv_lora_rank
             + D * H * c.v_head_dim)
     moe_layers = c.num_hidden_layers - c.first_k_dense_replace
+    experts = c.n_shared_experts + c.num_experts_per_tok   # the experts a token meets
     ffn = (c.first_k_dense_replace * 3 * D * c.intermediate_size
-           + moe_layers * (c.n_routed_experts * D + 3 * D * c.moe_intermediate_size * (c.n_shared_experts + c.num_experts_per_tok)))
+           + moe_layers * (c.n_routed_experts * D + 3 * D * c.moe_intermediate_size * experts))
     per_token = c.num_hidden_layers * attn + ffn
     scores = c.num_hidden_layers * H * (c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim) * T * (T + 1) / 2
     assert prefill_flop(path, c, T) == pytest.approx(2 * (T * per_token + c.vocab_size * D + scores))

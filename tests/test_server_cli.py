@@ -1,4 +1,5 @@
-"""`kimi-engine serve` as a real process: it loads, serves, and exits cleanly on SIGTERM mid-stream; its flags reach load()."""
+"""`kimi-engine serve` as a real process: it loads, serves, and exits cleanly on SIGTERM mid-stream;
+its flags reach load()."""
 
 from __future__ import annotations
 
@@ -49,7 +50,8 @@ def test_serve_command_exits_cleanly_on_sigterm_mid_stream():
         assert httpx.get(url + "/v1/models", headers=auth).json()["data"][0]["id"] == "kimi-engine-demo"
         events: list[str] = []
 
-        def stream():   # greedy (no early end of text), 1,000 tokens (~1 s at ~1,000 tok/s): outlasts the 0.2 s grace
+        # Greedy (no early end of text), 1,000 tokens (~1 s at ~1,000 tok/s): outlasts the 0.2 s grace.
+        def stream():
             with httpx.stream("POST", url + "/v1/completions", headers=auth, timeout=60, json={
                     "prompt": "ROMEO:", "max_tokens": 1000, "temperature": 0, "stream": True}) as r:
                 events.extend(line for line in r.iter_lines() if line.startswith("data: "))
