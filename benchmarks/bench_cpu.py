@@ -40,6 +40,7 @@ from kimi_engine.synthetic import kimi_k2_config, write_random_checkpoint  # noq
 ENGINES = ("kimi-bf16", "kimi-fp32", "llama-q4exp", "llama-q4", "hf-bf16")
 # HF holds the experts dequantized (~4 GB more here, ~14 GB resident with every engine loaded): opt in.
 DEFAULT_ENGINES = ENGINES[:4]
+SAME_BITS = "llama-q4exp"   # the peer that reads the same bits: the tables' ratios are to it
 SEED = 0
 
 
@@ -236,9 +237,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{os.cpu_count()} CPUs, {args.threads} threads; read bandwidth {bw:.1f} GB/s (best of 9; median {bw_median:.1f}); "
           f"{step_bytes / 1e6:.0f} MB read per decode token -> floor {floor_ms:.1f} ms ({1e3 / floor_ms:.1f} tok/s)")
     gemm = {dtype: gemm_rate(args.threads, args.prompt, dtype) for dtype in (torch.bfloat16, torch.float32)}
+    flop = prefill_flop(path, config, args.prompt)
     print(f"torch GEMM at the prefill's shape ({args.prompt} x 2048 x 2048): bf16 {gemm[torch.bfloat16]:.0f} GFLOP/s, "
           f"float32 {gemm[torch.float32]:.0f}; prefilling {args.prompt} tokens is "
-          f"{prefill_flop(path, config, args.prompt) / 1e9:.1f} GFLOP")
+          f"{flop / 1e9:.1f} GFLOP")
 
     engines = {}
     for name in args.engines.split(","):
@@ -258,10 +260,11 @@ def main(argv: list[str] | None = None) -> None:
             gc.collect()
         print(f"round {r + 1}: " + ", ".join(f"{n} {1 / v[-1][1]:.1f}" for n, v in results.items()) + " tok/s")
         best, median = read_bandwidth(args.threads)   # sampled again each round: the best seen is the machine's
-        bw, round_medians = max(bw, best), round_medians + [median]
+        bw = max(bw, best)
+        round_medians.append(median)
     floor_ms = step_bytes / (bw * 1e9) * 1e3
     report(results, args, floor_ms, step_bytes, bw, statistics.median(round_medians))
-    report_prefill(results, args, prefill_flop(path, config, args.prompt), gemm[torch.bfloat16])
+    report_prefill(results, args, flop, gemm[torch.bfloat16])
     report_phases({n: e for n, e in engines.items() if isinstance(e, Kimi)})
 
 
@@ -269,7 +272,7 @@ def report(results, args, floor_ms: float, step_bytes: int, bw: float, bw_typica
     def med(v):
         return statistics.median(v)
     decode = {n: [1 / s for _, s in v] for n, v in results.items()}
-    base = "llama-q4exp" if "llama-q4exp" in results else None
+    base = SAME_BITS if SAME_BITS in results else None
     typical_ms = step_bytes / bw_typical / 1e6   # the floor at the bandwidth the rounds typically saw
     print(f"\n| engine ({args.threads} threads) | decode tok/s median (range) | ms/token | GB/s "
           f"| % of floor: best / median bandwidth | vs llama.cpp same bits |")
@@ -289,7 +292,7 @@ def report_prefill(results, args, flop: float, gemm_bf16: float) -> None:
     """Prefill against the machine's FLOP/s: torch's bf16 GEMM at the same row count is the roofline
     a CPU prefill can reach here (AVX512-BF16 through oneDNN)."""
     prefill = {n: [args.prompt / p for p, _ in v] for n, v in results.items()}
-    base = "llama-q4exp" if "llama-q4exp" in results else None
+    base = SAME_BITS if SAME_BITS in results else None
     print(f"\n| engine | prefill tok/s ({args.prompt} tokens) median (range) | GFLOP/s | % of torch bf16 GEMM "
           f"({gemm_bf16:.0f} GFLOP/s) | vs llama.cpp same bits |")
     print("|---|---:|---:|---:|---:|")
