@@ -1,7 +1,10 @@
 """Checkpoint I/O: exact round trips, INT4 kept packed, and every kind of broken checkpoint named."""
 
+import gc
 import json
+import mmap
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from kimi_engine import CheckpointError, int4, load_model, read_headers, save_checkpoint
 from kimi_engine.checkpoint import INDEX_FILE, checkpoint_state_dict
+from kimi_engine.kernels import cpu
 from kimi_engine.synthetic import random_state_dict, tiny_config
 
 EXPERT = "model.layers.1.mlp.experts.3.up_proj"
@@ -69,6 +73,44 @@ def test_load_keeps_int4_packed_and_exact(good):
     assert torch.equal(experts.gate_up_packed[3, 32:], packed) and torch.equal(experts.gate_up_scale[3, 32:], scale)
     attn = model.model.layers[2].self_attn
     assert torch.equal(attn.kv_b_proj.weight, weights["model.layers.2.self_attn.kv_b_proj.weight"])
+
+
+def _mapping_flags(address: int) -> list[str] | None:
+    """The VmFlags of this process's mapping that holds address (None if none does)."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            start, end = (int(a, 16) for a in head.split("-"))
+            inside = start <= address < end
+        elif inside and head == "VmFlags:":
+            return line.split()[1:]
+    return None
+
+
+@pytest.mark.skipif(not hasattr(mmap, "MADV_HUGEPAGE") or not Path("/proc/self/smaps").exists(),
+                    reason="transparent huge pages are a Linux madvise")
+def test_cpu_weights_get_huge_page_memory_of_their_own():
+    w = cpu.empty_weight((3, 1 << 20), torch.bfloat16)   # 6 MB
+    assert w.shape == (3, 1 << 20) and w.dtype == torch.bfloat16 and w.is_contiguous()
+    assert w.data_ptr() % cpu.HUGE_PAGE == 0 and "hg" in _mapping_flags(w.data_ptr())   # MADV_HUGEPAGE
+    w.fill_(1.5)
+    assert w.float().sum().item() == 1.5 * 3 * (1 << 20)
+    address = w.data_ptr()
+    del w
+    gc.collect()
+    assert _mapping_flags(address) is None   # unmapped with its tensor
+    small = cpu.empty_weight((4, 5), torch.float32)   # under a huge page: ordinary memory
+    assert small.shape == (4, 5) and small.dtype == torch.float32
+
+
+def test_cpu_load_allocates_every_parameter_as_a_weight(good, monkeypatch):
+    made = []
+    real = cpu.empty_weight
+    monkeypatch.setattr(cpu, "empty_weight", lambda shape, dtype: made.append(real(shape, dtype)) or made[-1])
+    model, _ = load_model(good[0], device="cpu")
+    ptrs = {t.data_ptr() for t in made}
+    assert len(made) == len(list(model.parameters())) and all(p.data_ptr() in ptrs for p in model.parameters())
 
 
 def test_save_read_roundtrip_exact(good, tmp_path):

@@ -53,7 +53,7 @@ def bf16_weight(w: torch.Tensor) -> torch.Tensor | None:
         return hit[1]
     if hit is None:
         weakref.finalize(w, _bf16.pop, id(w), None)
-    copy = w.detach().to(torch.bfloat16).contiguous()
+    copy = cpu.empty_weight(w.shape, torch.bfloat16).copy_(w.detach())
     exact = bool(torch.equal(copy.float(), w))
     _bf16[id(w)] = (key, copy if exact else None)
     return copy if exact else None

@@ -179,7 +179,9 @@ void bf16_prepare_row(const void* x, bool bf16, int64_t K, float* out) {
 #endif
 constexpr int PREFETCH_BYTES = KT_PREFETCH_BYTES;
 
-inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p) + PREFETCH_BYTES, _MM_HINT_T0); }
+inline void prefetch(const void* p) {
+  if constexpr (PREFETCH_BYTES > 0) _mm_prefetch(static_cast<const char*>(p) + PREFETCH_BYTES, _MM_HINT_T0);
+}
 
 // out[m] = dot(x row m, weight row w) for MR activation rows (prepared by bf16_prepare_row).
 template <int MR>
