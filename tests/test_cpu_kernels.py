@@ -183,17 +183,24 @@ def test_thread_counts_agree():
     g = torch.Generator().manual_seed(3)
     packed, scale = quantize(torch.randn(300, 256, generator=g))
     x = torch.randn(3, 256, generator=g)
+    # Experts large enough for two gate-up and two down tasks each: down tasks wait for their expert's.
+    E, D, I = 4, 1024, 512
+    gate_up = quantize(torch.randn(E, 2 * I, D, generator=g) * D ** -0.5)
+    down = quantize(torch.randn(E, D, I, generator=g) * I ** -0.5)
+    xm = torch.randn(3, D, generator=g)
+    ids, weights = torch.tensor([[0, 1], [2, 0], [3, 1]], dtype=torch.int32), torch.rand(3, 2, generator=g)
     before = cpu.get_threads()
     try:
         outs = []
         for n in (1, 2, 3):
             cpu.set_threads(n)
             assert cpu.get_threads() == n
-            outs.append(cpu.linear_int4(x, packed, scale))
+            outs.append((cpu.linear_int4(x, packed, scale), cpu.moe_int4(xm, *gate_up, *down, weights, ids)))
     finally:
         cpu.set_threads(before)
     for out in outs[1:]:   # each output is one task's sum, whichever thread ran it: identical
-        assert torch.equal(out, outs[0])
+        assert all(torch.equal(a, b) for a, b in zip(out, outs[0]))
+    close(outs[0][1], fused_moe_ref(xm, *gate_up, *down, weights, ids), torch.float32)
 
 
 # ------------------------------------------------------------------------------------------ the model
