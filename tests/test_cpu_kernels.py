@@ -110,6 +110,8 @@ def paged_cache(lens, H, C, R, block_size, dtype, g):
     ([1, 7, 200], 3, 32, 16, 16),       # a single token; a part block; heads under one vector
     ([700], 17, 40, 8, 64),             # split over tasks; 17 heads (two vectors); C not a multiple of 16
     ([129, 64, 65, 5], 4, 64, 8, 32),   # exactly-full blocks; one past
+    ([300, 9], 70, 48, 16, 64),         # 70 heads: five head vectors; odd token counts in a block
+    ([50], 3, 33, 8, 16),               # C + R odd: bf16 takes the float path
 ])
 def test_mla_decode(lens, H, C, R, block_size, dtype):
     g = torch.Generator().manual_seed(sum(lens) + H)
