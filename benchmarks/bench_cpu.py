@@ -8,10 +8,11 @@ The model: 6 DeepSeek-V3-architecture layers in Kimi K2 Thinking's format (hidde
 64 INT4 experts of 1024 with top-8, one shared expert, a dense first layer, vocab 32000): ~1.66 GB,
 written once into DIR by the library's streaming writer and reused. The bandwidth floor is the
 bytes a batch-1 decode step must read (every bf16 matrix but the embedding, the 8 touched experts
-of each MoE layer) over the machine's read bandwidth (a multi-threaded sum over 512 MB in 2 MB
-pages, like the weights): at the best read of the run, what the memory system can deliver, and
-paired, at the read taken just before each engine's round, what it delivered then (on a shared VM
-the two have differed by 1.7x: 53 against 32 GB/s).
+of each MoE layer, the latent cache at the rounds' mean context) over the machine's read
+bandwidth (a multi-threaded sum over 512 MB in 2 MB pages, like the weights): at the best read of
+the run, what the memory system can deliver, and paired, at the read taken just before each
+engine's round, what it delivered then (on a shared VM the two have differed by 1.7x: 53 against
+32 GB/s). A long --prompt (say 4096) measures decode where attention, not the weights, sets the pace.
 Engines run round by round (each engine once per round) so that a busy machine slows all of them
 alike; the table gives medians over rounds and the min-max range. Peers (`pip install -e .[peers]`:
 llama-cpp-python, gguf, transformers) are skipped with a message when absent.
@@ -60,10 +61,11 @@ def checkpoint(root: Path, config: ModelConfig) -> Path:
     return write_random_checkpoint(path, config, seed=SEED, max_shard_bytes=512 << 20, progress=True)
 
 
-def decode_bytes(path: Path, config: ModelConfig) -> int:
+def decode_bytes(path: Path, config: ModelConfig, context: int = 0) -> int:
     """Bytes a batch-1 decode step reads: all tensors but the embedding table (one row) and the
-    untouched experts (top_k of n_routed_experts per MoE layer)."""
-    total = 0
+    untouched experts (top_k of n_routed_experts per MoE layer), and the bf16 latent cache of
+    `context` tokens in every layer."""
+    total = config.num_hidden_layers * context * (config.kv_lora_rank + config.qk_rope_head_dim) * 2
     for key, info in read_headers(path).items():
         n = info.nbytes
         if key.endswith("embed_tokens.weight"):
@@ -237,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
     args.dir.mkdir(parents=True, exist_ok=True)
     config = bench_config()
     path = checkpoint(args.dir, config)
-    step_bytes = decode_bytes(path, config)
+    step_bytes = decode_bytes(path, config, args.prompt + args.decode // 2)   # at the rounds' mean context
     probe = ReadProbe(args.threads)
     reads = probe.read(9)
     floor_ms = step_bytes / (max(reads) * 1e9) * 1e3

@@ -65,6 +65,8 @@ def test_decode_bytes_counts_touched_experts(tmp_path):
     others = sum(i.nbytes for i in infos.values()) - experts - embed
     want = others + embed // config.vocab_size + experts * config.num_experts_per_tok / config.n_routed_experts
     assert decode_bytes(path, config) == int(want)
+    cache = config.num_hidden_layers * (config.kv_lora_rank + config.qk_rope_head_dim) * 2   # bf16, per token
+    assert decode_bytes(path, config, context=100) == int(want) + 100 * cache
 
 
 def test_prefill_flop_counts_what_a_token_meets(tmp_path):

@@ -8,7 +8,10 @@ one at a time with a software prefetch (see cpu_kernels.cpp).
 Weights stay as stored; activations may be float32 or bf16; sums are float32. bf16 widens to float32
 by a shift; an INT4 nibble becomes bf16(q) through vpermw (then vdpbf16ps) for bf16 activations and
 float(q) through vpermps (then FMA) for float32 ones, so float32 activations read the same bytes as
-bf16 ones and are not rounded.
+bf16 ones and are not rounded. Decode attention with a bf16 query and cache multiplies with
+vdpbf16ps too, rounding its softmax weights to bf16 before they meet the values (as the reference
+rounds its softmax to the activation dtype); float32 stays float32 throughout. The weights live in
+transparent huge pages (empty_weight).
 
 Why this and not the alternatives (measured on this 2-core AMD EPYC Zen 4 VM, AVX-512 with BF16,
 DeepSeek-V3 layers of hidden 2048):
@@ -29,12 +32,20 @@ DeepSeek-V3 layers of hidden 2048):
     in bf16 (oneDNN's vdpbf16ps: 101-119 GFLOP/s at 8 rows, 377 at 128, against 42-80 here),
     more than 16 in float32 (cpu_dispatch.MAX_ROWS has the measurements). A batched decode step
     stays here whatever its batch (cpu_step: 86 tok/s at batch 8 against 66 through the modules).
+  - The loader puts CPU weights in 2 MB pages (empty_weight): a 2-thread read of 1 GiB at 29 GB/s
+    in 4 KB pages, 32 in 2 MB ones; the benchmark model's bf16 decode at 45.0 against 48.9 tok/s
+    (medians, 4 processes each way, alternating).
   - Tried and not kept (in-engine A/B, one process per variant, alternating): int8 activations for
     the experts (vpdpbusd: llama.cpp's Q4_0 x Q8_0 arithmetic, half the instructions per weight):
     a batch-1 MoE layer no faster (1.18-1.41 ms against 1.21-1.35 exact), 8% faster at 128 tokens,
-    ~1.2% relative error in its output; transparent huge pages for the weights
-    (THP_MEM_ALLOC_ENABLE=1: 46.4 against 45.3 tok/s, within the noise); prefetch distances and hints
-    (37.1-38.4 tok/s, within the noise). A batch-1 step is bound by how fast two cores stream.
+    ~1.2% relative error in its output; prefetch distances and hints (37.1-38.4 tok/s, within the
+    noise); the nibble
+    made bf16(128 + n) by one vpternlogd instead of a vpermw lookup, corrected by the activations'
+    sums (the tile 10% faster from L2, the step's experts no faster, 128-token prefill 9% slower);
+    float32 nibbles masked in place and converted (vcvtdq2ps) instead of vpermps (no faster: each
+    512-bit op takes a cycle on this core, and the float32 tile needs about three per 16 weights
+    where the bf16 one needs one: 7.2-7.6 against 4.5 ns per 128 weights from L2). A batch-1 step
+    is bound by how fast two cores stream; float32's experts are bound by those ops.
 
 Threading: the kernels have their own pool (set_threads; ops.set_threads sets it and torch's). A
 job ends when its tasks are done, not when every thread has reached a barrier, so a worker that the
