@@ -34,9 +34,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import kimi_engine  # noqa: E402
 from kimi_engine import cpu_step, ops  # noqa: E402
-from kimi_engine.kernels import cpu  # noqa: E402
 from kimi_engine.checkpoint import read_headers  # noqa: E402
 from kimi_engine.config import ModelConfig  # noqa: E402
+from kimi_engine.kernels import cpu  # noqa: E402
 from kimi_engine.synthetic import kimi_k2_config, write_random_checkpoint  # noqa: E402
 
 ENGINES = ("kimi-bf16", "kimi-fp32", "llama-q4exp", "llama-q4", "hf-bf16")

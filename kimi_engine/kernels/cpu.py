@@ -9,8 +9,8 @@ Weights stay as stored; activations may be float32 or bf16; sums are float32. bf
 by a shift; an INT4 nibble becomes bf16(q) through vpermw (then vdpbf16ps) for bf16 activations and
 float(q) through vpermps (then FMA) for float32 ones, so float32 activations read the same bytes as
 bf16 ones and are not rounded. Decode attention with a bf16 query and cache multiplies with
-vdpbf16ps too, rounding its softmax weights to bf16 before they meet the values (as the reference
-rounds its softmax to the activation dtype); float32 stays float32 throughout. The weights live in
+vdpbf16ps too, rounding its softmax weights to bf16 before they meet the values (as the Triton
+kernel and HF's attention do; mla_decode_ref keeps float32); float32 stays float32 throughout. The weights live in
 transparent huge pages (empty_weight).
 
 Why this and not the alternatives (measured on this 2-core AMD EPYC Zen 4 VM, AVX-512 with BF16,
