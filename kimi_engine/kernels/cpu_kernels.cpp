@@ -813,13 +813,13 @@ inline void mla_scores_ps(const float* qt, const float* kvf, int64_t Wp, int64_t
     for (int t = 0; t < NJ; ++t) _mm512_storeu_ps(s + ((v0 + v) * block_size + j + t) * 16, d[v][t]);
 }
 
-// a[h, c] = a[h, c] * correction[h] + the products add(acc, u, h0, c0) adds for each item u < n (a token,
-// or a pair of them), in tiles of 4 heads x 4 16-column chunks: each loaded value serves 4 heads.
-// Columns outside: the block's values for 64 of them (8 KB in bf16 pairs) stay in L1 for every head.
-// (Measured, float32, 6 layers: 16 heads over 8k tokens 21.5-24.8 ms with a head at a time, 16.4-18.7
-// tiled; 64 heads over 2k tokens 21.9-22.4, 16.2-17.5.)
-template <int NH, int NC, class Add>
-inline void mla_values_tile(const Add& add, int64_t n, int64_t C, int64_t h0, int64_t c0, const float* correction, float* a) {
+// a[h, c] = a[h, c] * correction[h] + sum_j p[h, j] kvf[j, c] (the float path's block of nt tokens),
+// heads [h0, h0 + NH), 16-column chunks [c0, c0 + NC): each loaded value serves NH heads (measured,
+// float32, 6 layers: 16 heads over 8k tokens 21.5-24.8 ms with a head at a time, 16.4-18.7 tiled;
+// 64 heads over 2k tokens 21.9-22.4, 16.2-17.5).
+template <int NH, int NC>
+inline void mla_values_ps(const float* kvf, int64_t Wp, const float* p, int64_t block_size, int64_t nt, int64_t C,
+                          int64_t h0, int64_t c0, const float* correction, float* a) {
   __mmask16 mask[NC];
   __m512 acc[NH][NC];
   for (int c = 0; c < NC; ++c) {
@@ -829,44 +829,17 @@ inline void mla_values_tile(const Add& add, int64_t n, int64_t C, int64_t h0, in
       acc[h][c] = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask[c], a + (h0 + h) * C + 16 * (c0 + c)),
                                 _mm512_set1_ps(correction[h0 + h]));
   }
-  for (int64_t u = 0; u < n; ++u) add(acc, u, h0, c0);   // lanes past C hold garbage the masked stores drop
-  for (int h = 0; h < NH; ++h)
-    for (int c = 0; c < NC; ++c) _mm512_mask_storeu_ps(a + (h0 + h) * C + 16 * (c0 + c), mask[c], acc[h][c]);
-}
-
-template <class Add>
-void mla_values(const Add& add, int64_t n, int64_t H, int64_t C, const float* correction, float* a) {
-  const int64_t Cv = (C + 15) / 16;
-  for (int64_t c0 = 0; c0 < Cv;) {
-    const int nc = Cv - c0 >= 4 ? 4 : 1;
-    for (int64_t h0 = 0; h0 < H;) {
-      const int nh = H - h0 >= 4 ? 4 : 1;
-      if (nh == 4 && nc == 4) mla_values_tile<4, 4>(add, n, C, h0, c0, correction, a);
-      else if (nh == 4) mla_values_tile<4, 1>(add, n, C, h0, c0, correction, a);
-      else if (nc == 4) mla_values_tile<1, 4>(add, n, C, h0, c0, correction, a);
-      else mla_values_tile<1, 1>(add, n, C, h0, c0, correction, a);
-      h0 += nh;
-    }
-    c0 += nc;
-  }
-}
-
-// The float path's values: token j's weights p[h block_size + j] times its row of kvf (float32).
-struct ValuesPs {
-  const float* kvf;
-  int64_t Wp;
-  const float* p;
-  int64_t block_size;
-  template <int NH, int NC>
-  void operator()(__m512 (&acc)[NH][NC], int64_t j, int64_t h0, int64_t c0) const {
+  for (int64_t j = 0; j < nt; ++j) {
     __m512 kv[NC];
-    for (int c = 0; c < NC; ++c) kv[c] = _mm512_loadu_ps(kvf + j * Wp + 16 * (c0 + c));
+    for (int c = 0; c < NC; ++c) kv[c] = _mm512_maskz_loadu_ps(mask[c], kvf + j * Wp + 16 * (c0 + c));
     for (int h = 0; h < NH; ++h) {
       __m512 w = _mm512_set1_ps(p[(h0 + h) * block_size + j]);
       for (int c = 0; c < NC; ++c) acc[h][c] = _mm512_fmadd_ps(w, kv[c], acc[h][c]);
     }
   }
-};
+  for (int h = 0; h < NH; ++h)
+    for (int c = 0; c < NC; ++c) _mm512_mask_storeu_ps(a + (h0 + h) * C + 16 * (c0 + c), mask[c], acc[h][c]);
+}
 
 #ifdef __AVX512BF16__
 // The bf16 path (bf16 queries and cache, C + R even): vdpbf16ps makes 32 products an instruction to
@@ -875,10 +848,12 @@ struct ValuesPs {
 // broadcast), the sum scaled after, in float32, as the reference scales q k^T. Values: each
 // token's weight p is rounded to bf16 (as the Triton kernel, mla_decode.py, and HF's attention do
 // before p V; mla_decode_ref keeps float32) and paired with the next token's, their latent rows
-// interleaved column by column (kvi), so a product pair is p_j v_j[c] + p_j+1 v_j+1[c] in lane c.
-// The sums l add the rounded weights. Measured (6 layers of C = 512, R = 64, one query, alternating
-// in one process): 16 heads over 16k cached tokens 46 ms on the float path, 22 here; 64 heads (Kimi
-// K2's) over 4k tokens 40 ms, 13.
+// interleaved column by column (kvi), so a product pair is p_j v_j[c] + p_j+1 v_j+1[c] in lane c;
+// 4 heads x 64 columns of sums stay in registers over a block, as on the float path
+// (mla_values_ps: the two keep their own copies of that frame, a shared template measured 7-18%
+// slower there). The sums l add the rounded weights. Measured (6 layers of C = 512, R = 64, one
+// query, alternating in one process): 16 heads over 16k cached tokens 46 ms on the float path, 22
+// here; 64 heads (Kimi K2's) over 4k tokens 40 ms, 13.
 
 // e^x for x <= 0 (scores less their running max), within a few float32 ulps: 2^n e^r, |r| <= ln 2 / 2,
 // e^r by Cephes' expf polynomial; far below the bf16 rounding the weights then get.
@@ -921,13 +896,21 @@ inline void mla_scores_bh(const uint16_t* qp, const uint16_t* rows, int64_t W, i
       _mm512_storeu_ps(s + ((v0 + v) * block_size + j + t) * 16, _mm512_mul_ps(d[v][t], _mm512_set1_ps(scale)));
 }
 
-// The bf16 path's values: pair u's weights pp[u Hp + h] (two bf16) times its interleaved rows in kvi.
-struct ValuesBh {
-  const uint16_t* kvi;
-  const uint32_t* pp;
-  int64_t P, Hp;
-  template <int NH, int NC>
-  void operator()(__m512 (&acc)[NH][NC], int64_t u, int64_t h0, int64_t c0) const {
+// a[h, c] = a[h, c] * correction[h] + sum over the block's token pairs, heads [h0, h0 + NH),
+// 16-column chunks [c0, c0 + NC).
+template <int NH, int NC>
+inline void mla_values_bh(const uint16_t* kvi, const uint32_t* pp, int64_t P, int64_t Hp, int64_t C, int64_t Cv, int64_t h0,
+                          int64_t c0, const float* correction, float* a) {
+  __mmask16 mask[NC];
+  __m512 acc[NH][NC];
+  for (int c = 0; c < NC; ++c) {
+    int64_t left = C - 16 * (c0 + c);
+    mask[c] = left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1);
+    for (int h = 0; h < NH; ++h)
+      acc[h][c] = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask[c], a + (h0 + h) * C + 16 * (c0 + c)),
+                                _mm512_set1_ps(correction[h0 + h]));
+  }
+  for (int64_t u = 0; u < P; ++u) {
     __m512i kv[NC];
     for (int c = 0; c < NC; ++c) kv[c] = _mm512_loadu_si512(kvi + ((c0 + c) * P + u) * 32);
     for (int h = 0; h < NH; ++h) {
@@ -935,7 +918,9 @@ struct ValuesBh {
       for (int c = 0; c < NC; ++c) acc[h][c] = _mm512_dpbf16_ps(acc[h][c], as_bh(kv[c]), as_bh(p));
     }
   }
-};
+  for (int h = 0; h < NH; ++h)
+    for (int c = 0; c < NC; ++c) _mm512_mask_storeu_ps(a + (h0 + h) * C + 16 * (c0 + c), mask[c], acc[h][c]);
+}
 
 // One task of kt_mla_decode on the bf16 path: tokens [t0, t1) of one query (q_latent [H, C], q_rope
 // [H, R]) into a [H, C], mt, lt (initialized by the caller).
@@ -1007,7 +992,18 @@ void mla_task_bh(const uint16_t* q_latent, const uint16_t* q_rope, int64_t H, in
         if (c + 16 < C) _mm512_storeu_si512(kvi.data() + ((c / 16 + 1) * P + u) * 32, _mm512_permutex2var_epi16(x0, hi_pairs, x1));
       }
     }
-    mla_values(ValuesBh{kvi.data(), pp.data(), P, Hp}, P, H, C, correction.data(), a);
+    for (int64_t c0 = 0; c0 < Cv;) {   // columns outside: 64 of them over the block's pairs (8 KB) stay in L1 for every head
+      const int nc = Cv - c0 >= 4 ? 4 : 1;
+      for (int64_t h0 = 0; h0 < H;) {
+        const int nh = H - h0 >= 4 ? 4 : 1;
+        if (nh == 4 && nc == 4) mla_values_bh<4, 4>(kvi.data(), pp.data(), P, Hp, C, Cv, h0, c0, correction.data(), a);
+        else if (nh == 4) mla_values_bh<4, 1>(kvi.data(), pp.data(), P, Hp, C, Cv, h0, c0, correction.data(), a);
+        else if (nc == 4) mla_values_bh<1, 4>(kvi.data(), pp.data(), P, Hp, C, Cv, h0, c0, correction.data(), a);
+        else mla_values_bh<1, 1>(kvi.data(), pp.data(), P, Hp, C, Cv, h0, c0, correction.data(), a);
+        h0 += nh;
+      }
+      c0 += nc;
+    }
     tb += nt;
   }
 }
@@ -1021,6 +1017,7 @@ void kt_mla_decode(const void* q_latent, const void* q_rope, int q_bf16, int64_t
                    const int32_t* seq_lens, float scale, void* out, int out_bf16) {
   const int64_t W = C + R, Wp = (W + 15) / 16 * 16;   // a cached token's width; padded rows
   const int64_t Hv = (H + 15) / 16;                   // 16-head vectors: scores have a lane per head
+  const int64_t Cv = (C + 15) / 16;                   // 16-column vectors of the values
   std::vector<int64_t> first(size_t(Q) + 1, 0);      // task index of each query's first split
   int64_t threads = pool().threads();
   for (int64_t i = 0; i < Q; ++i) {
@@ -1082,7 +1079,18 @@ void kt_mla_decode(const void* q_latent, const void* q_rope, int q_bf16, int64_t
         lt[h] = lt[h] * correction[size_t(h)] + sum;
         mt[h] = mx;
       }
-      mla_values(ValuesPs{kvf.data(), Wp, p.data(), block_size}, nt, H, C, correction.data(), a);
+      for (int64_t c0 = 0; c0 < Cv;) {   // as on the bf16 path: 64 columns outside, 4 heads inside
+        const int nc = Cv - c0 >= 4 ? 4 : 1;
+        for (int64_t h0 = 0; h0 < H;) {
+          const int nh = H - h0 >= 4 ? 4 : 1;
+          if (nh == 4 && nc == 4) mla_values_ps<4, 4>(kvf.data(), Wp, p.data(), block_size, nt, C, h0, c0, correction.data(), a);
+          else if (nh == 4) mla_values_ps<4, 1>(kvf.data(), Wp, p.data(), block_size, nt, C, h0, c0, correction.data(), a);
+          else if (nc == 4) mla_values_ps<1, 4>(kvf.data(), Wp, p.data(), block_size, nt, C, h0, c0, correction.data(), a);
+          else mla_values_ps<1, 1>(kvf.data(), Wp, p.data(), block_size, nt, C, h0, c0, correction.data(), a);
+          h0 += nh;
+        }
+        c0 += nc;
+      }
       tb += nt;
     }
   };
