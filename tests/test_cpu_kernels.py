@@ -185,7 +185,7 @@ def test_thread_counts_agree():
     g = torch.Generator().manual_seed(3)
     packed, scale = quantize(torch.randn(300, 256, generator=g))
     x = torch.randn(3, 256, generator=g)
-    # Experts large enough for two gate-up and two down tasks each: down tasks wait for their expert's.
+    # Experts large enough for two gate-up tasks each: a down task waits for both of its expert's.
     E, D, I = 4, 1024, 512
     gate_up = quantize(torch.randn(E, 2 * I, D, generator=g) * D ** -0.5)
     down = quantize(torch.randn(E, D, I, generator=g) * I ** -0.5)
