@@ -104,6 +104,16 @@ def test_cpu_weights_get_huge_page_memory_of_their_own():
     assert small.shape == (4, 5) and small.dtype == torch.float32
 
 
+@pytest.mark.skipif(not hasattr(mmap, "MADV_HUGEPAGE") or not Path("/proc/self/smaps").exists(),
+                    reason="transparent huge pages are a Linux madvise")
+def test_cpu_weight_memory_refused_huge_pages_is_ordinary(monkeypatch):
+    monkeypatch.setattr(mmap, "MADV_HUGEPAGE", 9999)   # an advice no kernel knows: madvise fails (EINVAL)
+    w = cpu.empty_weight((3, 1 << 20), torch.bfloat16)
+    assert "hg" not in _mapping_flags(w.data_ptr())
+    w.fill_(2.0)
+    assert w.float().sum().item() == 2.0 * 3 * (1 << 20)
+
+
 def test_cpu_load_allocates_every_parameter_as_a_weight(good, monkeypatch):
     made = []
     real = cpu.empty_weight
