@@ -93,6 +93,22 @@ def test_moe_int4(T, K, dtype):
     close(cpu.moe_int4(x, *gate_up, *down, weights, ids), ref, dtype)
 
 
+@pytest.mark.parametrize("G", [32, 64])
+def test_moe_int4_strips(G):
+    """Experts with many tokens (30 each here) and widths in whole 128-column blocks take the strip
+    path in bf16 (Strip in cpu_kernels.cpp): equal to the reference and to the float32 tile."""
+    g = torch.Generator().manual_seed(G)
+    E, D, I, T, K = 4, 256, 128, 40, 3
+    gate_up = quantize(torch.randn(E, 2 * I, D, generator=g) * D ** -0.5, group_size=G)
+    down = quantize(torch.randn(E, D, I, generator=g) * I ** -0.5, group_size=G)
+    x = torch.randn(T, D, generator=g).bfloat16()
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]).int()
+    weights = torch.rand(T, K, generator=g)
+    out = cpu.moe_int4(x, *gate_up, *down, weights, ids)
+    close(out, fused_moe_ref(x.float(), *gate_up, *down, weights, ids), torch.bfloat16)
+    close(out, cpu.moe_int4(x.float(), *gate_up, *down, weights, ids).bfloat16(), torch.bfloat16)
+
+
 def paged_cache(lens, H, C, R, block_size, dtype, g):
     """Queries and a paged cache whose blocks are shuffled (and one block left unused)."""
     blocks = [-(-n // block_size) for n in lens]

@@ -289,6 +289,26 @@ inline void int4_put_bh(float* row, int64_t k, float v) {
 }
 
 inline __m512bh as_bh(__m512i v) { return reinterpret_cast<__m512bh&>(v); }
+inline __m256i bh_bits(__m256bh v) { return reinterpret_cast<__m256i&>(v); }
+
+// e^x within a few float32 ulps: 2^n e^r, |r| <= ln 2 / 2, e^r by Cephes' expf polynomial (used for
+// x <= 0, scores less their running max, and for SiLU before a bf16 rounding; 0 and inf at the ends).
+inline __m512 exp_ps(__m512 x) {
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);   // x - n ln 2 in two parts
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);   // 0 where n is very negative
+}
+
+inline __m512i bcast32(const void* p) {   // the 32 bits at p in every lane
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm512_set1_epi32(v);
+}
 
 // out[m] = dot(x row m, INT4 weight row w with scales s) for MR activation rows.
 template <int MR>
@@ -499,6 +519,105 @@ void linear_bf16_pair(const uint16_t* w1, int64_t N1, void* y1, const uint16_t* 
 
 inline float silu(float g) { return g / (1.0f + std::exp(-g)); }
 
+#ifdef __AVX512BF16__
+// ------------------------------------------------------------------------------------ INT4 strips
+// For an expert with many tokens (prefill), int4_row_bh spends half its ops unpacking and scaling.
+// Here a strip of 16 weight rows is unpacked once (vpermw, as int4_row_bh) and transposed so that
+// each vector holds one 32-bit pair of columns for all 16 rows: vdpbf16ps against a broadcast pair
+// of a token's activations (the prepared bh row already pairs them: unit 16j + u of a block is
+// columns 8u + j and 8u + 4 + j, both in word u) adds two products to each row's lane, and the
+// group's scale is applied once per 32 columns. Rows in the lanes, MT tokens in registers (8: 212
+// GFLOP/s on one core from L2, 12: 144, spilling; int4_row_bh at 4 rows: 69-83). The benchmark's
+// 64-expert MoE layer (benchmarks/bench_cpu.py), 2 threads, alternating in one process: 128 tokens
+// 84-94 ms a layer -> 76-84, 512 tokens 300-326 -> 210-225.
+constexpr int STRIP = 16;                 // weight rows per strip: the lanes
+constexpr int64_t STRIP_MIN_TOKENS = 16;  // fewer tokens for an expert: int4_row_bh (the unpack is not repaid)
+
+inline bool strips_ok(int64_t K, int64_t G, int64_t N) { return K % INT4_BLOCK == 0 && G % 32 == 0 && N % STRIP == 0; }
+
+// Transpose 16 vectors of 16 32-bit units in place: v[r] unit u -> v[u] unit r.
+inline void transpose16(__m512i v[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(v[i], v[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(v[i], v[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4)   // v[i + k]: unit 4l + k of rows i..i+3, in each 128-bit lane l
+    for (int k = 0; k < 2; ++k) {
+      v[i + 2 * k] = _mm512_unpacklo_epi64(t[i + k], t[i + 2 + k]);
+      v[i + 2 * k + 1] = _mm512_unpackhi_epi64(t[i + k], t[i + 2 + k]);
+    }
+  for (int i = 0; i < 8; ++i) {
+    int a = (i / 4) * 8 + i % 4;   // pairs (a, a + 4) of the groups of four
+    t[a] = _mm512_shuffle_i32x4(v[a], v[a + 4], 0x88);
+    t[a + 4] = _mm512_shuffle_i32x4(v[a], v[a + 4], 0xdd);
+  }
+  for (int i = 0; i < 4; ++i) {
+    v[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    v[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+    v[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
+    v[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xdd);
+  }
+}
+
+// Rows [n, n + 16) of an INT4 weight of K columns, unpacked and transposed: wq[(b 4 + j) 16 + u] is pair
+// unit u of vector j of block b (columns 128b + 8u + j and + 4) for the 16 rows; scales[g 16 + r] is
+// row r's scale of group g.
+inline void strip_prepare(const int32_t* w, const uint16_t* s, int64_t K, int64_t G, int64_t n, __m512i* wq, float* scales) {
+  alignas(64) static const uint16_t table_words[32] = {
+      0xc100, 0xc0e0, 0xc0c0, 0xc0a0, 0xc080, 0xc040, 0xc000, 0xbf80, 0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0,
+      0xc100, 0xc0e0, 0xc0c0, 0xc0a0, 0xc080, 0xc040, 0xc000, 0xbf80, 0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0};
+  const __m512i table = _mm512_load_si512(table_words);
+  const int64_t words = K / 8, groups = K / G;
+  __m512i v[STRIP];
+  for (int64_t b = 0; b < K / INT4_BLOCK; ++b)
+    for (int j = 0; j < 4; ++j) {
+      for (int r = 0; r < STRIP; ++r)
+        v[r] = _mm512_permutexvar_epi16(_mm512_srli_epi16(_mm512_loadu_si512(w + (n + r) * words + b * 16), 4 * j), table);
+      transpose16(v);
+      for (int u = 0; u < 16; ++u) _mm512_store_si512(wq + (b * 4 + j) * 16 + u, v[u]);
+    }
+  for (int r = 0; r < STRIP; ++r)
+    for (int64_t g = 0; g < groups; ++g) scales[g * STRIP + r] = bf16_to_float(s[(n + r) * groups + g]);
+}
+
+// out[t 16 + r] = dot(activation row t (prepared, bh layout), strip row r) for MT rows xs.
+template <int MT>
+inline void strip_tile(const __m512i* wq, const float* scales, int64_t K, int64_t G, const float* const* xs, float* out) {
+  __m512 total[MT];
+  for (int t = 0; t < MT; ++t) total[t] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < K / INT4_BLOCK; ++b)
+    for (int w4 = 0; w4 < 4; ++w4) {   // words 4 w4 .. 4 w4 + 3 of the block: 32 columns, one scale
+      __m512 part[MT];
+      for (int t = 0; t < MT; ++t) part[t] = _mm512_setzero_ps();
+      for (int j = 0; j < 4; ++j)
+        for (int u = 4 * w4; u < 4 * w4 + 4; ++u) {
+          const __m512i wv = _mm512_load_si512(wq + (b * 4 + j) * 16 + u);
+          for (int t = 0; t < MT; ++t)
+            part[t] = _mm512_dpbf16_ps(part[t], as_bh(wv), as_bh(bcast32(reinterpret_cast<const uint32_t*>(xs[t] + b * INT4_BLOCK) + 16 * j + u)));
+        }
+      const __m512 sc = _mm512_loadu_ps(scales + (b * INT4_BLOCK + 32 * w4) / G * STRIP);
+      for (int t = 0; t < MT; ++t) total[t] = _mm512_fmadd_ps(part[t], sc, total[t]);
+    }
+  for (int t = 0; t < MT; ++t) _mm512_storeu_ps(out + t * STRIP, total[t]);
+}
+
+// out[m 16 + r] for the M activation rows xs against strip rows [n, n + 16) of w.
+struct Strip {
+  std::vector<__m512i> wq;
+  std::vector<float> scales;
+  void run(const int32_t* w, const uint16_t* s, int64_t K, int64_t G, int64_t n, const float* const* xs, int64_t M, float* out) {
+    wq.resize(size_t(K / INT4_BLOCK * 64));
+    scales.resize(size_t(K / G * STRIP));
+    strip_prepare(w, s, K, G, n, wq.data(), scales.data());
+    int64_t m = 0;
+    for (; m + 8 <= M; m += 8) strip_tile<8>(wq.data(), scales.data(), K, G, xs + m, out + m * STRIP);
+    for (; m + 4 <= M; m += 4) strip_tile<4>(wq.data(), scales.data(), K, G, xs + m, out + m * STRIP);
+    for (; m < M; ++m) strip_tile<1>(wq.data(), scales.data(), K, G, xs + m, out + m * STRIP);
+  }
+};
+#endif
+
 }  // namespace
 
 // ------------------------------------------------------------------------------------ C ABI
@@ -637,8 +756,19 @@ void kt_moe_int4(const void* x, int x_bf16, int64_t T, int64_t D, int64_t I, int
   // job instead of two saves a wait for the slowest thread and a cold start (measured: the MoE layer
   // of benchmarks/bench_cpu.py at batch 1, 0.99-1.06 ms in two jobs, 0.88-0.93 in one; float32 1.30, 1.13).
   const int64_t pairs_per_expert = T * K / std::max<int64_t>(int64_t(active.size()), 1);   // the mean
-  const int64_t iblocks = task_count(I, 2 * Int4Weight::row_bytes(D, G), pairs_per_expert, false);   // gate and up rows
-  const int64_t dblocks = task_count(D, Int4Weight::row_bytes(I, G), pairs_per_expert, false);
+  // With strips (see Strip: bf16 activations, experts of many tokens) the row ranges are whole strips.
+#ifdef __AVX512BF16__
+  const bool strips = x_bf16 && strips_ok(D, G, I) && strips_ok(I, G, D);
+#else
+  const bool strips = false;
+#endif
+  const int64_t unit = strips ? STRIP : 1;
+  const int64_t iblocks = std::min(I / unit, task_count(I, 2 * Int4Weight::row_bytes(D, G), pairs_per_expert, false));
+  const int64_t dblocks = std::min(D / unit, task_count(D, Int4Weight::row_bytes(I, G), pairs_per_expert, false));
+  auto rows_of = [&](int64_t task, int64_t tasks, int64_t n) {
+    auto [a, b] = task_range(task, tasks, n / unit);
+    return std::pair<int64_t, int64_t>{a * unit, b * unit};
+  };
   const int64_t up_tasks = int64_t(active.size()) * iblocks;
   std::unique_ptr<std::atomic<int64_t>[]> pending(new std::atomic<int64_t>[active.size()]);   // gate-up tasks left
   for (size_t a = 0; a < active.size(); ++a) pending[a].store(iblocks, std::memory_order_relaxed);
@@ -650,23 +780,56 @@ void kt_moe_int4(const void* x, int x_bf16, int64_t T, int64_t D, int64_t I, int
     const auto& pairs = by_expert[size_t(e)];
     const int64_t M = int64_t(pairs.size());
     std::vector<const float*> xs(pairs.size());
+    const bool strip = strips && M >= STRIP_MIN_TOKENS;
     if (!down) {
-      auto [n0, n1] = task_range(t % iblocks, iblocks, I);
+      auto [n0, n1] = rows_of(t % iblocks, iblocks, I);
       for (size_t i = 0; i < pairs.size(); ++i) xs[i] = rows[size_t(pairs[i] / K)];
       const int32_t* gw = gu_packed + e * 2 * I * (D / 8);
       const uint16_t* gs = gu_scale + e * 2 * I * (D / G);
-      Int4Weight{gw, gs, Ld}.apply(n0, n1, M, xs.data(), [&](int64_t n, int64_t m, float v) { gbuf[pairs[m] * I + n] = v; });
-      Int4Weight{gw + I * (D / 8), gs + I * (D / G), Ld}.apply(n0, n1, M, xs.data(), [&](int64_t n, int64_t m, float v) {
-        int4_put(h.data() + pairs[m] * hf, n, silu(gbuf[pairs[m] * I + n]) * v, !x_bf16);
-      });
+      if (strip) {
+#ifdef __AVX512BF16__
+        Strip st;
+        std::vector<float> gate(size_t(M * STRIP)), up(size_t(M * STRIP));
+        for (int64_t n = n0; n < n1; n += STRIP) {
+          st.run(gw, gs, D, G, n, xs.data(), M, gate.data());
+          st.run(gw, gs, D, G, I + n, xs.data(), M, up.data());
+          for (int64_t m = 0; m < M; ++m) {   // silu(gate) * up for the strip's 16 columns of h, vectorized
+            const __m512 g = _mm512_loadu_ps(gate.data() + m * STRIP);
+            const __m512 silu_g = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+            alignas(32) uint16_t hb[STRIP];
+            _mm256_store_si256(reinterpret_cast<__m256i*>(hb), bh_bits(_mm512_cvtneps_pbh(_mm512_mul_ps(silu_g, _mm512_loadu_ps(up.data() + m * STRIP)))));
+            uint16_t* row = reinterpret_cast<uint16_t*>(h.data() + pairs[m] * hf + (n / INT4_BLOCK) * INT4_BLOCK);
+            for (int r = 0; r < STRIP; ++r) row[int4_position((n + r) % INT4_BLOCK)] = hb[r];
+          }
+        }
+#endif
+      } else {
+        Int4Weight{gw, gs, Ld}.apply(n0, n1, M, xs.data(), [&](int64_t n, int64_t m, float v) { gbuf[pairs[m] * I + n] = v; });
+        Int4Weight{gw + I * (D / 8), gs + I * (D / G), Ld}.apply(n0, n1, M, xs.data(), [&](int64_t n, int64_t m, float v) {
+          int4_put(h.data() + pairs[m] * hf, n, silu(gbuf[pairs[m] * I + n]) * v, !x_bf16);
+        });
+      }
       pending[size_t(a)].fetch_sub(1, std::memory_order_release);
       return;
     }
     while (pending[size_t(a)].load(std::memory_order_acquire) > 0) _mm_pause();
-    auto [n0, n1] = task_range(t % dblocks, dblocks, D);
+    auto [n0, n1] = rows_of(t % dblocks, dblocks, D);
     for (size_t i = 0; i < pairs.size(); ++i) xs[i] = h.data() + pairs[i] * hf;
-    Int4Weight{dn_packed + e * D * (I / 8), dn_scale + e * D * (I / G), Li}.apply(
-        n0, n1, M, xs.data(), [&](int64_t n, int64_t m, float v) { out[pairs[m] * D + n] = v; });
+    const int32_t* dw = dn_packed + e * D * (I / 8);
+    const uint16_t* ds = dn_scale + e * D * (I / G);
+    if (strip) {
+#ifdef __AVX512BF16__
+      Strip st;
+      std::vector<float> y(size_t(M * STRIP));
+      for (int64_t n = n0; n < n1; n += STRIP) {
+        st.run(dw, ds, I, G, n, xs.data(), M, y.data());
+        for (int64_t m = 0; m < M; ++m)
+          for (int r = 0; r < STRIP; ++r) out[pairs[m] * D + n + r] = y[size_t(m * STRIP + r)];
+      }
+#endif
+    } else {
+      Int4Weight{dw, ds, Li}.apply(n0, n1, M, xs.data(), [&](int64_t n, int64_t m, float v) { out[pairs[m] * D + n] = v; });
+    }
   };
   parallel(int(up_tasks + int64_t(active.size()) * dblocks), f);
   // Each token sums its pairs, in slot order.
@@ -855,26 +1018,6 @@ inline void mla_values_ps(const float* kvf, int64_t Wp, const float* p, int64_t 
 // query, alternating in one process): 16 heads over 16k cached tokens 46 ms on the float path, 22
 // here; 64 heads (Kimi K2's) over 4k tokens 40 ms, 13.
 
-// e^x for x <= 0 (scores less their running max), within a few float32 ulps: 2^n e^r, |r| <= ln 2 / 2,
-// e^r by Cephes' expf polynomial; far below the bf16 rounding the weights then get.
-inline __m512 exp_nonpositive(__m512 x) {
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);   // x - n ln 2 in two parts
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);   // 0 where n is very negative
-}
-
-inline __m256i bh_bits(__m256bh v) { return reinterpret_cast<__m256i&>(v); }
-
-inline __m512i bcast32(const void* p) {
-  int32_t v;
-  std::memcpy(&v, p, 4);
-  return _mm512_set1_epi32(v);
-}
 
 // Scores of head vectors [v0, v0 + NV) for tokens [j, j + NJ) of a block (rows: token j at rows + j W).
 template <int NV, int NJ>
@@ -966,9 +1109,9 @@ void mla_task_bh(const uint16_t* q_latent, const uint16_t* q_rope, int64_t H, in
       for (int64_t j = 0; j < nt; ++j) mx = _mm512_max_ps(mx, _mm512_loadu_ps(sv + 16 * j));
       __m512 sum = _mm512_setzero_ps();
       for (int64_t u = 0; u < P; ++u) {
-        __m512i p0 = _mm512_cvtepu16_epi32(bh_bits(_mm512_cvtneps_pbh(exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(sv + 32 * u), mx)))));
+        __m512i p0 = _mm512_cvtepu16_epi32(bh_bits(_mm512_cvtneps_pbh(exp_ps(_mm512_sub_ps(_mm512_loadu_ps(sv + 32 * u), mx)))));
         __m512i p1 = 2 * u + 1 < nt ? _mm512_cvtepu16_epi32(bh_bits(_mm512_cvtneps_pbh(
-                                          exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(sv + 32 * u + 16), mx)))))
+                                          exp_ps(_mm512_sub_ps(_mm512_loadu_ps(sv + 32 * u + 16), mx)))))
                                     : _mm512_setzero_si512();
         sum = _mm512_add_ps(sum, _mm512_add_ps(_mm512_castsi512_ps(_mm512_slli_epi32(p0, 16)),
                                                _mm512_castsi512_ps(_mm512_slli_epi32(p1, 16))));
@@ -976,7 +1119,7 @@ void mla_task_bh(const uint16_t* q_latent, const uint16_t* q_rope, int64_t H, in
       }
       // exp(m_old - mx), 0 on the first block (m_old = -inf)
       const __m512 corr = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(m_old, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ),
-                                              exp_nonpositive(_mm512_sub_ps(m_old, mx)));
+                                              exp_ps(_mm512_sub_ps(m_old, mx)));
       _mm512_mask_storeu_ps(correction.data() + 16 * v, heads, corr);
       _mm512_mask_storeu_ps(lt + 16 * v, heads, _mm512_fmadd_ps(_mm512_maskz_loadu_ps(heads, lt + 16 * v), corr, sum));
       _mm512_mask_storeu_ps(mt + 16 * v, heads, mx);
