@@ -575,7 +575,7 @@ inline void strip_prepare(const int32_t* w, const uint16_t* s, int64_t K, int64_
       for (int r = 0; r < STRIP; ++r)
         v[r] = _mm512_permutexvar_epi16(_mm512_srli_epi16(_mm512_loadu_si512(w + (n + r) * words + b * 16), 4 * j), table);
       transpose16(v);
-      for (int u = 0; u < 16; ++u) _mm512_store_si512(wq + (b * 4 + j) * 16 + u, v[u]);
+      for (int u = 0; u < 16; ++u) _mm512_storeu_si512(wq + (b * 4 + j) * 16 + u, v[u]);
     }
   for (int r = 0; r < STRIP; ++r)
     for (int64_t g = 0; g < groups; ++g) scales[g * STRIP + r] = bf16_to_float(s[(n + r) * groups + g]);
@@ -592,7 +592,7 @@ inline void strip_tile(const __m512i* wq, const float* scales, int64_t K, int64_
       for (int t = 0; t < MT; ++t) part[t] = _mm512_setzero_ps();
       for (int j = 0; j < 4; ++j)
         for (int u = 4 * w4; u < 4 * w4 + 4; ++u) {
-          const __m512i wv = _mm512_load_si512(wq + (b * 4 + j) * 16 + u);
+          const __m512i wv = _mm512_loadu_si512(wq + (b * 4 + j) * 16 + u);
           for (int t = 0; t < MT; ++t)
             part[t] = _mm512_dpbf16_ps(part[t], as_bh(wv), as_bh(bcast32(reinterpret_cast<const uint32_t*>(xs[t] + b * INT4_BLOCK) + 16 * j + u)));
         }
