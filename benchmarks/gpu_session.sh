@@ -15,7 +15,7 @@ OUT=${OUT:-gpu_session}
 export PYTHONUNBUFFERED=1   # a step cut off at its budget still leaves what it printed
 DEADLINE=${DEADLINE:-570}
 mkdir -p "$OUT"
-python -m pip install -q --no-deps --no-build-isolation -e . >/dev/null
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null
 
 run() {   # run NAME BUDGET_SECONDS COMMAND...
     local name=$1 budget=$2 start=$SECONDS rc left
@@ -35,16 +35,16 @@ run() {   # run NAME BUDGET_SECONDS COMMAND...
 step() {
     case $1 in
         tests)         # the compile report needs no GPU time: it runs on the CPU while the tests run
-                       timeout 150 python -m kimi_engine.kernels.aot >"$OUT/aot.txt" 2>&1 &
+                       timeout 150 python3 -m kimi_engine.kernels.aot >"$OUT/aot.txt" 2>&1 &
                        # some suites import the server's packages, absent on a bare GPU image: they
                        # fail to collect, the CUDA tests still run
-                       run tests 160 python -m pytest -q -m cuda --continue-on-collection-errors tests
+                       run tests 160 python3 -m pytest -q -m cuda --continue-on-collection-errors tests
                        wait ;;
-        kernels)       run kernels 120 python benchmarks/bench_kernels.py --plot "$OUT/roofline.png" ;;
-        e2e)           run e2e 200 python benchmarks/bench_e2e.py --layers 3 --workdir /dev/shm --batches 1,8,32 \
+        kernels)       run kernels 120 python3 benchmarks/bench_kernels.py --plot "$OUT/roofline.png" ;;
+        e2e)           run e2e 200 python3 benchmarks/bench_e2e.py --layers 3 --workdir /dev/shm --batches 1,8,32 \
                            --prompts 1024,8192 --hf-steps 4 --plot /tmp/e2e.png ;;
-        attention)     run attention 90 python benchmarks/bench_attention.py ;;
-        attention_fp8) run attention_fp8 60 python benchmarks/bench_attention.py --dtype float8_e4m3fn \
+        attention)     run attention 90 python3 benchmarks/bench_attention.py ;;
+        attention_fp8) run attention_fp8 60 python3 benchmarks/bench_attention.py --dtype float8_e4m3fn \
                            --contexts 8192 131072 ;;
         *)             echo "unknown step $1 (tests kernels e2e attention attention_fp8)" >&2; exit 2 ;;
     esac
@@ -52,7 +52,7 @@ step() {
 
 {
     nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem,driver_version --format=csv
-    python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+    python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 } >"$OUT/gpu.txt" 2>&1
 cat "$OUT/gpu.txt"
 for s in "${@:-tests kernels e2e attention attention_fp8}"; do
