@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ..int4 import dequantize
-from .w4a16 import check_int4_weight, dot_dtype, int4_tile_matmul, is_interpreted
+from .w4a16 import capability, check_int4_weight, dot_dtype, int4_tile_matmul, is_interpreted
 
 
 def moe_loop_ref(
@@ -128,12 +128,20 @@ def moe_gate_up_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < I
     # gate is rows [0, I) of the stacked gate_up weight, up is rows [I, 2I)
-    gate = int4_tile_matmul(a_rows, w, s, row_mask, offs_n, n_mask, 0, D,
-                            stride_xd, stride_wn, stride_wk, stride_sn, stride_sk,
-                            GROUP, BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE)
-    up = int4_tile_matmul(a_rows, w, s, row_mask, offs_n + I, n_mask, 0, D,
-                          stride_xd, stride_wn, stride_wk, stride_sn, stride_sk,
-                          GROUP, BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE)
+    if BLOCK_M == 1:   # decode: one pass over K for both, columns [gate tile | up tile] (twice the loads in flight)
+        j = tl.arange(0, 2 * BLOCK_N)
+        cols = pid_n * BLOCK_N + j % BLOCK_N
+        both = int4_tile_matmul(a_rows, w, s, row_mask, cols + (j // BLOCK_N) * I, cols < I, 0, D,
+                                stride_xd, stride_wn, stride_wk, stride_sn, stride_sk,
+                                GROUP, BLOCK_M, 2 * BLOCK_N, BLOCK_K, DOT_DTYPE)
+        gate, up = tl.split(tl.permute(tl.reshape(both, (BLOCK_M, 2, BLOCK_N)), (0, 2, 1)))
+    else:
+        gate = int4_tile_matmul(a_rows, w, s, row_mask, offs_n, n_mask, 0, D,
+                                stride_xd, stride_wn, stride_wk, stride_sn, stride_sk,
+                                GROUP, BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE)
+        up = int4_tile_matmul(a_rows, w, s, row_mask, offs_n + I, n_mask, 0, D,
+                              stride_xd, stride_wn, stride_wk, stride_sn, stride_sk,
+                              GROUP, BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE)
     h = gate * tl.sigmoid(gate) * up
     h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_hp + offs_n[None, :] * stride_hi
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
@@ -171,14 +179,18 @@ def moe_down_kernel(
 
 
 # ------------------------------------------------------------------------------------------ configs
-# H100 starting points keyed on pairs per expert (T*K / E); tune with benchmarks/bench_kernels.py.
+# Keyed on pairs per expert (T*K / E). Tuned on an H200 with benchmarks/tune_int4.py at Kimi K2's widths
+# (bf16; times of both kernels together, T tokens, 2026-12-04):
 #   (max pairs per expert, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
 MOE_CONFIGS = [
-    (1, 1, 16, 256, 4, 3),             # decode GEMV: 8 pairs x (I/16 + D/16) programs, each expert read once
-    (8, 16, 64, 128, 4, 4),            # few tokens per expert: one 16-row block each, weights read once
-    (32, 32, 64, 128, 4, 4),
-    (math.inf, 64, 128, 64, 8, 3),     # prefill: compute bound
+    (1, 1, 8, 512, 4, 3),              # decode GEMV, gate and up in one pass: T=1 171 us, T=8 1.13 ms
+    (8, 16, 64, 128, 4, 4),            # a 16-row block per expert: T=64 8.5 ms
+    (32, 32, 64, 128, 4, 4),           # T=512 14.4 ms
+    (math.inf, 128, 128, 128, 8, 3),   # prefill: T=4096 20.1 ms
 ]
+# Before Hopper a 128x128x128 tile spills inside the loop (aot --arch 80: 90 spill loads/stores in
+# gate_up); 64-deep K steps fit. Untimed (on the H200 this row takes 24.5 ms at T=4096).
+MOE_PRE_HOPPER_CONFIGS = MOE_CONFIGS[:-1] + [(math.inf, 128, 128, 64, 8, 3)]
 MOE_INTERPRET_CONFIGS = [
     (1, 1, 64, 64, 1, 1),
     (math.inf, 16, 64, 64, 1, 1),
@@ -229,8 +241,10 @@ def fused_moe(
         return torch.zeros_like(x)
 
     interpreted = is_interpreted(moe_gate_up_kernel)
-    table = MOE_INTERPRET_CONFIGS if interpreted else MOE_CONFIGS
+    table = (MOE_INTERPRET_CONFIGS if interpreted else MOE_CONFIGS if capability(x.device) >= (9, 0)
+             else MOE_PRE_HOPPER_CONFIGS)
     _, block_m, block_n, block_k, num_warps, num_stages = next(c for c in table if pairs <= c[0] * E)
+    block_k = max(block_k, group)           # a K step covers whole scale groups
     sorted_ids, block_expert = moe_align(topk_ids, E, block_m)
     topk_weights = topk_weights.contiguous()
     h = torch.empty(pairs, I, dtype=x.dtype, device=x.device)

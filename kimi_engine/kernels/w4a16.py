@@ -1,12 +1,10 @@
 """INT4 (group-quantized, compressed-tensors layout) x bf16 matmul, reading the checkpoint layout as is.
 
-`int4_tile_matmul` is the inner loop shared with the fused MoE kernels (moe.py). It has two bodies,
-picked by the row-tile height (a block size, not a feature flag):
-  BLOCK_M == 1   GEMV for decode: loads a [BLOCK_N, BLOCK_K/8] tile of packed words (contiguous along K,
-                 so loads are coalesced and vectorized), unpacks to [BLOCK_N, BLOCK_K/8, 8] in registers,
-                 multiplies by the activation row and reduces; every weight byte is read once.
-  BLOCK_M >= 16  tiled tl.dot for prefill: dequantizes a [BLOCK_K, BLOCK_N] tile in registers (each word
-                 loaded once per nibble; the repeats hit L1) and feeds the tensor cores.
+`int4_tile_matmul` is the inner loop shared with the fused MoE kernels (moe.py). It loads packed words
+as [BLOCK_N, BLOCK_K/8] tiles (contiguous along K, so loads are coalesced and each word is read once)
+and unpacks them in registers; the row-tile height (a block size, not a feature flag) picks the product:
+  BLOCK_M == 1   GEMV for decode: elementwise products accumulated over K, one reduction at the end.
+  BLOCK_M >= 16  tl.dot for prefill: the dequantized [BLOCK_N, BLOCK_K] tile feeds the tensor cores.
 """
 
 from __future__ import annotations
@@ -49,44 +47,42 @@ def int4_tile_matmul(
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
 ):
-    """A[rows, k_start:k_end] @ W[offs_n, k_start:k_end].T -> [BLOCK_M, BLOCK_N] float32."""
+    """A[rows, k_start:k_end] @ W[offs_n, k_start:k_end].T -> [BLOCK_M, BLOCK_N] float32.
+
+    Each step loads a [BLOCK_N, BLOCK_K/8] tile of packed words (contiguous along K: coalesced, every
+    word once), unpacks it in registers to [BLOCK_N, BLOCK_K] and scales it per group. k_start must be a
+    multiple of GROUP (callers split K in multiples of BLOCK_K).
+    """
+    tl.static_assert(BLOCK_K % GROUP == 0)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_kw = tl.arange(0, BLOCK_K // _PACK)
+    offs_g = tl.arange(0, BLOCK_K // GROUP)
+    shifts = (tl.arange(0, _PACK) * _BITS)[None, None, :]                         # nibble j of a word is k = 8w + j
     if BLOCK_M == 1:
-        BLOCK_KW: tl.constexpr = BLOCK_K // _PACK
-        offs_kw = tl.arange(0, BLOCK_KW)
-        offs_j = tl.arange(0, _PACK)
-        shifts = (offs_j * _BITS)[None, None, :]                                      # [1, 1, 8]
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for k0 in range(k_start, k_end, BLOCK_K):
-            kw = k0 // _PACK + offs_kw                                             # [BLOCK_KW] word index
-            kw_mask = kw < k_end // _PACK
-            wmask = n_mask[:, None] & kw_mask[None, :]
-            words = tl.load(w_ptr + offs_n[:, None] * stride_wn + kw[None, :] * stride_wk, mask=wmask, other=0)
-            q = ((words[:, :, None] >> shifts) & _MASK) - _OFFSET                         # [BLOCK_N, BLOCK_KW, 8]
-            # all 8 nibbles of a word share one scale (G is a multiple of 8): scale after the 8-way sum
-            s = tl.load(s_ptr + offs_n[:, None] * stride_sn + (kw[None, :] * _PACK // GROUP) * stride_sk,
-                        mask=wmask, other=0).to(tl.float32)                       # [BLOCK_N, BLOCK_KW]
-            k = kw[:, None] * _PACK + offs_j[None, :]                              # [BLOCK_KW, 8]
-            a = tl.load(a_rows[:, None] + k * stride_ak, mask=a_mask[:, None] & kw_mask[:, None], other=0)
-            part = tl.sum(q.to(tl.float32) * a.to(tl.float32)[None, :, :], axis=2)  # [BLOCK_N, BLOCK_KW]
-            acc += tl.sum(part * s, axis=1)
-        return acc[None, :]
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)    # reduced over K once, after the loop
     else:
-        offs_k = tl.arange(0, BLOCK_K)
-        shifts = ((offs_k % _PACK) * _BITS)[:, None]                                   # [BLOCK_K, 1]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(k_start, k_end, BLOCK_K):
-            k = k0 + offs_k
-            k_mask = k < k_end
-            a = tl.load(a_rows[:, None] + k[None, :] * stride_ak, mask=a_mask[:, None] & k_mask[None, :], other=0)
-            wmask = k_mask[:, None] & n_mask[None, :]
-            words = tl.load(w_ptr + (k // _PACK)[:, None] * stride_wk + offs_n[None, :] * stride_wn, mask=wmask, other=0)
-            s = tl.load(s_ptr + (k // GROUP)[:, None] * stride_sk + offs_n[None, :] * stride_sn, mask=wmask, other=0)
-            w = (((words >> shifts) & _MASK) - _OFFSET).to(tl.float32) * s.to(tl.float32)  # [BLOCK_K, BLOCK_N]
-            # rounding w to the operand dtype is exactly the reference's dequantize(..., x.dtype)
-            if DOT_DTYPE == tl.float32:   # float32 activations: true fp32 products, not TF32
-                acc = tl.dot(a.to(tl.float32), w, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a.to(DOT_DTYPE), w.to(DOT_DTYPE), acc)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        kw = k0 // _PACK + offs_kw
+        words = tl.load(w_ptr + offs_n[:, None] * stride_wn + kw[None, :] * stride_wk,
+                        mask=n_mask[:, None] & (kw < k_end // _PACK)[None, :], other=0)
+        q = ((words[:, :, None] >> shifts) & _MASK) - _OFFSET                         # [BLOCK_N, BLOCK_K/8, 8]
+        g = k0 // GROUP + offs_g
+        s = tl.load(s_ptr + offs_n[:, None] * stride_sn + g[None, :] * stride_sk,
+                    mask=n_mask[:, None] & (g * GROUP < k_end)[None, :], other=0).to(tl.float32)
+        w = tl.reshape(tl.reshape(q.to(tl.float32), (BLOCK_N, BLOCK_K // GROUP, GROUP)) * s[:, :, None],
+                       (BLOCK_N, BLOCK_K))                                         # q * scale: exact in float32
+        k = k0 + offs_k
+        a = tl.load(a_rows[:, None] + k[None, :] * stride_ak, mask=a_mask[:, None] & (k < k_end)[None, :], other=0)
+        if BLOCK_M == 1:   # GEMV for decode: elementwise products, no tensor cores
+            acc += w * a.to(tl.float32)
+        elif DOT_DTYPE == tl.float32:   # float32 activations: true fp32 products, not TF32
+            acc = tl.dot(a.to(tl.float32), tl.trans(w), acc, input_precision="ieee")
+        else:   # rounding w to the operand dtype is exactly the reference's dequantize(..., x.dtype)
+            acc = tl.dot(a.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), acc)
+    if BLOCK_M == 1:
+        return tl.sum(acc, axis=1)[None, :]
+    else:
         return acc
 
 
@@ -124,15 +120,19 @@ def w4a16_matmul_kernel(
 
 
 # ------------------------------------------------------------------------------------------ configs
-# H100 starting points, keyed on M (first row with max_m >= M wins); tune with benchmarks/bench_kernels.py.
+# Keyed on M (first row with max_m >= M wins). The rows for M = 1, 16 and 4096 were tuned on an H200
+# with benchmarks/tune_int4.py at [18432 x 7168] (bf16, 2026-12-04); 64 and 256 are untuned.
 #   (max_m, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)
 W4A16_CONFIGS = [
-    (1, 1, 8, 512, 1, 4, 3),             # decode GEMV: N/8 programs stream 8 rows each
-    (16, 16, 64, 128, 1, 4, 4),          # small batch: one row tile, split-K fills the SMs
+    (1, 1, 8, 512, 1, 4, 3),             # decode GEMV: N/8 programs stream 8 rows each (78 us)
+    (16, 16, 32, 256, 1, 4, 3),          # small batch: one row tile, split-K fills the SMs (112 us)
     (64, 64, 64, 128, 8, 4, 4),
     (256, 64, 128, 64, 8, 4, 4),
-    (math.inf, 128, 128, 64, 8, 8, 3),   # prefill: compute bound, dequant amortized over 128 rows
+    (math.inf, 128, 128, 64, 8, 4, 4),   # prefill: compute bound, dequant amortized over 128 rows (3.8 ms)
 ]
+# Before Hopper the mma.sync accumulators of a 128x128 tile on 4 warps spill inside the loop (aot --arch 80):
+# 8 warps halve each thread's share. Untimed.
+W4A16_PRE_HOPPER_CONFIGS = W4A16_CONFIGS[:-1] + [(math.inf, 128, 128, 64, 8, 8, 3)]
 # Under TRITON_INTERPRET every program is Python: few, large tiles (autotuning would only cost time).
 W4A16_INTERPRET_CONFIGS = [
     (1, 1, 32, 64, 1, 1, 1),
@@ -191,8 +191,8 @@ def check_int4_weight(prefix: str, packed: torch.Tensor, scale: torch.Tensor, K:
     if packed.shape[-1] * PACK_FACTOR != K:
         raise ValueError(f"{prefix}packed {tuple(packed.shape)} holds {packed.shape[-1] * PACK_FACTOR} inputs per row, "
                          f"the activations have K={K}")
-    if group_size <= 0 or group_size % PACK_FACTOR or K % group_size:
-        raise ValueError(f"group_size {group_size} must be a multiple of {PACK_FACTOR} dividing K={K}")
+    if group_size < PACK_FACTOR or group_size & (group_size - 1) or K % group_size:
+        raise ValueError(f"group_size {group_size} must be a power of two >= {PACK_FACTOR} dividing K={K}")
     if scale.shape != (*packed.shape[:-1], K // group_size):
         raise ValueError(f"{prefix}scale {tuple(scale.shape)} does not match {prefix}packed {tuple(packed.shape)} "
                          f"with group_size {group_size}: expected {(*packed.shape[:-1], K // group_size)}")
@@ -220,8 +220,10 @@ def w4a16_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, gro
         return x.new_zeros(M, N)
 
     interpreted = is_interpreted(w4a16_matmul_kernel)
-    table = W4A16_INTERPRET_CONFIGS if interpreted else W4A16_CONFIGS
+    table = (W4A16_INTERPRET_CONFIGS if interpreted else W4A16_CONFIGS if capability(x.device) >= (9, 0)
+             else W4A16_PRE_HOPPER_CONFIGS)
     _, block_m, block_n, block_k, group_m, num_warps, num_stages = next(c for c in table if M <= c[0])
+    block_k = max(block_k, group_size)      # a K step covers whole scale groups
     tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
     splits, k_per_split = split_k(tiles, K, block_k, x.device)
     out = torch.empty(splits, M, N, dtype=x.dtype if splits == 1 else torch.float32, device=x.device)
