@@ -679,6 +679,59 @@ void kt_mlp_bf16(const void* x, int x_bf16, int64_t M, int64_t D, int64_t I, con
 // two strided streams over the same pages (measured 12-14 GB/s on 2 threads for Kimi's 16-head kv_b).
 constexpr int64_t HEAD_ROWS = 128;
 
+}  // extern "C"
+
+namespace {
+#ifdef __AVX512BF16__
+// The transposed form with bf16 x: rows n and n + half (half = ceil(Kin / 2)) interleaved into
+// (w[n, c], w[n + half, c]) pairs by vpunpck{l,h}wd, then one vdpbf16ps with (x[n], x[n + half]):
+// 4 vector ops per 64 weights where widening each to float32 for an FMA takes 16. Rows n and n + half,
+// not n and n + 1: two sequential streams, where alternating 64-byte pieces of neighbouring rows
+// (then skipping a row) defeated the hardware prefetcher (Kimi's 16-head kv_b from DRAM, 1 thread:
+// 9 GB/s pairing n, n + 1, 18 this way; 2 threads 16 and 23). The unpacks interleave within 128-bit
+// lanes, so accumulator lane 4l + k of the low (high) half of a 32-column chunk is column 8l + k
+// (8l + 4 + k); the row accumulates in L1 in that order and is put back in order at the end.
+void heads_transposed_bh(const uint16_t* x, int64_t M, int64_t H, int64_t Kin, const uint16_t* w, int64_t head_stride,
+                         int64_t row_stride, int64_t Nout, void* y, bool y_bf16) {
+  const int64_t chunks = (Nout + 31) / 32;
+  auto f = [&](int h) {
+    const uint16_t* wh = w + h * head_stride;
+    std::vector<float> acc(size_t(chunks * 32));
+    for (int64_t m = 0; m < M; ++m) {
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      const uint16_t* xr = x + (m * H + h) * Kin;
+      const int64_t half = (Kin + 1) / 2;
+      for (int64_t n = 0; n < half; ++n) {
+        const bool two = n + half < Kin;
+        const uint32_t pair = uint32_t(xr[n]) | (two ? uint32_t(xr[n + half]) << 16 : 0u);
+        const __m512bh xp = as_bh(_mm512_set1_epi32(int32_t(pair)));
+        const uint16_t* w0 = wh + n * row_stride;
+        const uint16_t* w1 = w0 + half * row_stride;
+        for (int64_t i = 0; i < chunks; ++i) {
+          prefetch(w0 + 32 * i);
+          if (two) prefetch(w1 + 32 * i);
+          const int64_t left = Nout - 32 * i;
+          const __mmask32 mask = left >= 32 ? ~__mmask32(0) : __mmask32((uint64_t(1) << left) - 1);
+          const __m512i a = _mm512_maskz_loadu_epi16(mask, w0 + 32 * i);
+          const __m512i b = two ? _mm512_maskz_loadu_epi16(mask, w1 + 32 * i) : _mm512_setzero_si512();
+          float* ai = acc.data() + 32 * i;
+          _mm512_storeu_ps(ai, _mm512_dpbf16_ps(_mm512_loadu_ps(ai), as_bh(_mm512_unpacklo_epi16(a, b)), xp));
+          _mm512_storeu_ps(ai + 16, _mm512_dpbf16_ps(_mm512_loadu_ps(ai + 16), as_bh(_mm512_unpackhi_epi16(a, b)), xp));
+        }
+      }
+      for (int64_t c = 0; c < Nout; ++c) {
+        const int64_t i = c / 32, r = c % 32, l = r / 8, k = r % 8;   // column 32i + 8l + k
+        store_act(y, y_bf16, (m * H + h) * Nout + c, acc[size_t(32 * i + (k < 4 ? 0 : 16) + 4 * l + k % 4)]);
+      }
+    }
+  };
+  parallel(int(H), f);
+}
+#endif
+}  // namespace
+
+extern "C" {
+
 void kt_heads_bf16(const void* x, int x_bf16, int64_t M, int64_t H, int64_t Kin, const uint16_t* w, int64_t head_stride,
                    int64_t row_stride, int64_t Nout, int transposed, void* y, int y_bf16) {
   if (!transposed) {
@@ -697,7 +750,10 @@ void kt_heads_bf16(const void* x, int x_bf16, int64_t M, int64_t H, int64_t Kin,
     parallel(int(H * blocks), f);
     return;
   }
-  // The transposed form: the output row accumulates in L1 (Nout floats), two weight rows per pass.
+#ifdef __AVX512BF16__
+  if (x_bf16) return heads_transposed_bh(static_cast<const uint16_t*>(x), M, H, Kin, w, head_stride, row_stride, Nout, y, y_bf16);
+#endif
+  // The transposed form, float32 x: the output row accumulates in L1 (Nout floats), two weight rows per pass.
   const int64_t vecs = (Nout + 15) / 16;
   auto f = [&](int h) {
     const uint16_t* wh = w + h * head_stride;
@@ -705,12 +761,13 @@ void kt_heads_bf16(const void* x, int x_bf16, int64_t M, int64_t H, int64_t Kin,
     for (int64_t m = 0; m < M; ++m) {
       std::fill(acc.begin(), acc.end(), 0.0f);
       const int64_t xrow = (m * H + h) * Kin;
-      for (int64_t n = 0; n < Kin; n += 2) {
-        const bool two = n + 1 < Kin;
+      const int64_t half = (Kin + 1) / 2;
+      for (int64_t n = 0; n < half; ++n) {   // rows n and n + half: two sequential streams (see heads_transposed_bh)
+        const bool two = n + half < Kin;
         const __m512 x0 = _mm512_set1_ps(load_act(x, x_bf16, xrow + n));
-        const __m512 x1 = _mm512_set1_ps(two ? load_act(x, x_bf16, xrow + n + 1) : 0.0f);
+        const __m512 x1 = _mm512_set1_ps(two ? load_act(x, x_bf16, xrow + n + half) : 0.0f);
         const uint16_t* w0 = wh + n * row_stride;
-        const uint16_t* w1 = two ? w0 + row_stride : w0;
+        const uint16_t* w1 = two ? w0 + half * row_stride : w0;
         for (int64_t i = 0; i < vecs; ++i) {
           if ((i & 1) == 0) {
             prefetch(w0 + 16 * i);
