@@ -56,8 +56,18 @@ class KtModel(ctypes.Structure):
                 + [("layer", ctypes.POINTER(KtLayer)), ("embed", _p), ("final_norm", _p), ("lm_head", _p)])
 
 
-def _key(tensors: list[torch.Tensor]) -> tuple:
-    return tuple((*cpu_dispatch._state(t), t.requires_grad) for t in tensors)
+class _Key:
+    """What changes when a tensor is modified in place (its version: inference tensors have none) or
+    given new storage, or starts to require grad. Read every step over ~15 tensors a layer, after the
+    weights have streamed through the caches: one list comprehension of attribute reads each."""
+
+    def __init__(self, tensors: list[torch.Tensor]):
+        self.inference = [t for t in tensors if t.is_inference()]
+        self.tracked = [t for t in tensors if not t.is_inference()]
+
+    def __call__(self) -> tuple[list, list]:
+        return ([t.data_ptr() for t in self.inference],
+                [(t.data_ptr(), t._version, t.requires_grad) for t in self.tracked])
 
 
 class Unsupported(Exception):
@@ -117,7 +127,8 @@ class Plan:
             layer=layers, embed=self._exact(embed, self.act_dtype), final_norm=self._norm(model.model.norm),
             lm_head=self._dense_weight(head), **dims)
         self.layers = layers
-        self.key = _key(self.sources)
+        self.state = _Key(self.sources)
+        self.key = self.state()
 
     def _hold(self, source: torch.Tensor, held: torch.Tensor) -> int:
         if source.device.type != "cpu":
@@ -146,21 +157,21 @@ class Plan:
         return self._dense_weight(linear.weight)
 
     def valid(self) -> bool:
-        return _key(self.sources) == self.key and not (torch.is_grad_enabled() and any(t.requires_grad for t in self.sources))
+        return self.state() == self.key and not (torch.is_grad_enabled() and any(t.requires_grad for t in self.sources))
 
     def run(self, model: Transformer, tokens: torch.Tensor, batch: CacheBatch, cache: LatentCache) -> torch.Tensor:
         """logits [B, 1, vocab] of the decode step, the new tokens' latents written into the cache."""
         B = tokens.shape[0]
-        ids = tokens.reshape(B).to(torch.int64).contiguous()
-        positions = batch.positions.reshape(B).to(torch.int64).contiguous()
-        slots = batch.slots.reshape(B).to(torch.int64).contiguous()
+        ids, positions, slots = (t.reshape(B).to(torch.int64).contiguous() for t in (tokens, batch.positions, batch.slots))
         table = batch.block_table.to(torch.int32).contiguous()
         lens = batch.seq_lens.to(torch.int32).contiguous()
         # The kernel trusts its indices; out-of-range ones raise here, as the modules' lookups would.
+        # (On Python lists: a handful of numbers, and each torch reduction costs more than the list.)
         for name, t, end in (("token ids", ids, model.config.vocab_size), ("positions", positions, model.rope_cos.shape[0]),
                              ("cache slots", slots, cache.num_blocks * cache.block_size)):
-            if B and (int(t.min()) < 0 or int(t.max()) >= end):
-                raise IndexError(f"{name} must be in [0, {end}), got {t.tolist()}")
+            values = t.tolist()
+            if values and (min(values) < 0 or max(values) >= end):
+                raise IndexError(f"{name} must be in [0, {end}), got {values}")
         pools = (ctypes.c_void_p * len(cache.kv))(*(p.data_ptr() for p in cache.kv))
         cos, sin = model.rope_cos.contiguous(), model.rope_sin.contiguous()
         logits = torch.empty(B, model.config.vocab_size, dtype=self.act_dtype)

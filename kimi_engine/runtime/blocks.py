@@ -194,18 +194,21 @@ class BlockManager:
                             f"{self.available()} that can be had")
         for seq in seq_ids:
             self._append(seq, num_new)
+        # Plain Python, then one tensor each: a decode step calls this every step, after its weights
+        # have streamed through the caches, where each torch op costs several microseconds.
         bs = self.block_size
-        starts = torch.tensor([self.lengths[s] for s in seq_ids])
-        positions = starts[:, None] + torch.arange(num_new)                       # [B, S]
+        starts = [self.lengths[s] for s in seq_ids]
+        positions = [list(range(a, a + num_new)) for a in starts]                # [B, S]
         width = max(len(self.tables[s]) for s in seq_ids)
-        table = torch.zeros(len(seq_ids), width, dtype=torch.int32)
-        for i, seq in enumerate(seq_ids):
-            table[i, :len(self.tables[seq])] = torch.tensor(self.tables[seq], dtype=torch.int32)
+        table = [self.tables[s] + [0] * (width - len(self.tables[s])) for s in seq_ids]
+        slots = [[row[p // bs] * bs + p % bs for p in pos] for row, pos in zip(table, positions)]
+        for seq in seq_ids:
             self.lengths[seq] += num_new
-        slots = table.gather(1, positions // bs).long() * bs + positions % bs
         device = self.pools.device if device is None else device
-        return CacheBatch(list(seq_ids), positions.to(device), slots.to(device), table.to(device),
-                          (starts + num_new).to(torch.int32).to(device), int(starts.max()) + num_new)
+        return CacheBatch(list(seq_ids), torch.tensor(positions, device=device), torch.tensor(slots, device=device),
+                          torch.tensor(table, dtype=torch.int32, device=device),
+                          torch.tensor([a + num_new for a in starts], dtype=torch.int32, device=device),
+                          max(starts) + num_new)
 
     def _append(self, seq: int, num_new: int) -> None:
         table, length = self.tables[seq], self.lengths[seq]
