@@ -58,7 +58,7 @@ class KtModel(ctypes.Structure):
 
 class _Key:
     """What changes when a tensor is modified in place (its version: inference tensors have none) or
-    given new storage, or starts to require grad. Read every step over ~15 tensors a layer, after the
+    given new storage. Read every step over ~15 tensors a layer, after the
     weights have streamed through the caches: one list comprehension of attribute reads each."""
 
     def __init__(self, tensors: list[torch.Tensor]):
@@ -66,8 +66,7 @@ class _Key:
         self.tracked = [t for t in tensors if not t.is_inference()]
 
     def __call__(self) -> tuple[list, list]:
-        return ([t.data_ptr() for t in self.inference],
-                [(t.data_ptr(), t._version, t.requires_grad) for t in self.tracked])
+        return [t.data_ptr() for t in self.inference], [(t.data_ptr(), t._version) for t in self.tracked]
 
 
 class Unsupported(Exception):
@@ -162,18 +161,22 @@ class Plan:
     def run(self, model: Transformer, tokens: torch.Tensor, batch: CacheBatch, cache: LatentCache) -> torch.Tensor:
         """logits [B, 1, vocab] of the decode step, the new tokens' latents written into the cache."""
         B = tokens.shape[0]
-        ids, positions, slots = (t.reshape(B).to(torch.int64).contiguous() for t in (tokens, batch.positions, batch.slots))
-        table = batch.block_table.to(torch.int32).contiguous()
-        lens = batch.seq_lens.to(torch.int32).contiguous()
+        # [B, 1] and [B] alike: the kernel reads B contiguous values. (Conversions only where needed:
+        # each torch call here costs microseconds, the weights having just streamed through the caches.)
+        ids, positions, slots, table, lens = (
+            t if t.dtype == dtype and t.is_contiguous() else t.to(dtype).contiguous()
+            for t, dtype in ((tokens, torch.int64), (batch.positions, torch.int64), (batch.slots, torch.int64),
+                             (batch.block_table, torch.int32), (batch.seq_lens, torch.int32)))
         # The kernel trusts its indices; out-of-range ones raise here, as the modules' lookups would.
-        # (On Python lists: a handful of numbers, and each torch reduction costs more than the list.)
         for name, t, end in (("token ids", ids, model.config.vocab_size), ("positions", positions, model.rope_cos.shape[0]),
                              ("cache slots", slots, cache.num_blocks * cache.block_size)):
-            values = t.tolist()
+            values = t.view(-1).tolist()
             if values and (min(values) < 0 or max(values) >= end):
                 raise IndexError(f"{name} must be in [0, {end}), got {values}")
         pools = (ctypes.c_void_p * len(cache.kv))(*(p.data_ptr() for p in cache.kv))
-        cos, sin = model.rope_cos.contiguous(), model.rope_sin.contiguous()
+        cos, sin = model.rope_cos, model.rope_sin
+        if not (cos.is_contiguous() and sin.is_contiguous()):
+            cos, sin = cos.contiguous(), sin.contiguous()
         logits = torch.empty(B, model.config.vocab_size, dtype=self.act_dtype)
         cpu.library().kt_decode_step(ctypes.byref(self.struct), B, ids.data_ptr(), positions.data_ptr(),
                                      slots.data_ptr(), cos.data_ptr(), sin.data_ptr(), pools,

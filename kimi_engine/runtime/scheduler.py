@@ -174,20 +174,23 @@ class Scheduler:
         decode_logits, prefill_logits = self.runner.execute(plan)
         self.stats.decode_tokens += len(decode)
         self.stats.prefill_tokens += sum(take for _, take in prefills)
-        ready: list[tuple[Sequence, torch.Tensor]] = []
-        for i, s in enumerate(decode):
+        ready, rows = list(decode), []     # the sequences that sample now; their logits beyond decode's
+        for s in decode:
             s.num_cached += 1
-            ready.append((s, decode_logits[i]))
         for (s, take), logits in zip(prefills, prefill_logits):
             s.num_cached += take
             self.blocks.commit(s.seq, s.tokens)
             if s.pending == 0:
-                ready += [(path, logits) for path in self._paths_after_prompt(s)]
+                paths = self._paths_after_prompt(s)
+                ready += paths
+                rows += [logits] * len(paths)
         for s in decode:
             self.blocks.commit(s.seq, s.tokens)
         self.stats.evicted_blocks = self.blocks.evicted_blocks
+        if rows:
+            decode_logits = torch.stack(rows) if decode_logits is None else torch.cat([decode_logits, torch.stack(rows)])
         if ready:
-            self._sample(ready)
+            self._sample(ready, decode_logits)
 
     def _chunk(self, s: Sequence, budget: int, plan: StepPlan, prefills: list) -> int:
         """Schedule the next chunk of s's pending tokens within budget and the blocks to be had -> its size."""
@@ -292,8 +295,8 @@ class Scheduler:
         return paths
 
     # ------------------------------------------------------------------------------ sampling
-    def _sample(self, ready: list[tuple[Sequence, torch.Tensor]]) -> None:
-        rows, logits = [s for s, _ in ready], torch.stack([row for _, row in ready]).float()
+    def _sample(self, rows: list[Sequence], logits: torch.Tensor) -> None:
+        """Sample the next token of each of rows from logits [len(rows), V] (float32)."""
         failed = set()
         for i, s in enumerate(rows):
             processors = s.state.request.logits_processors
@@ -326,16 +329,17 @@ class Scheduler:
             self._drop(state, state.error)
         for i, s in enumerate(rows):
             if s.state not in failed and not s.state.done:
-                self._push(s, tokens[i], logits[i])
+                self._push(s, tokens[i], logits, i)
 
-    def _push(self, s: Sequence, token: int, logits: torch.Tensor) -> None:
+    def _push(self, s: Sequence, token: int, logits: torch.Tensor, row: int) -> None:
+        """Append `token`, sampled from logits[row], to s."""
         state = s.state
         s.tokens.append(token)
         s.generated.append(token)
         s.budget -= 1
         logprobs = None
         if s.logprobs is not None:
-            logprobs = [self._logprob(logits, token, state.request.logprobs)]
+            logprobs = [self._logprob(logits[row], token, state.request.logprobs)]
             s.logprobs += logprobs
         if s.seen is not None:
             s.seen[token] = True
