@@ -44,8 +44,13 @@ DeepSeek-V3 layers of hidden 2048):
     sums (the tile 10% faster from L2, the step's experts no faster, 128-token prefill 9% slower);
     float32 nibbles masked in place and converted (vcvtdq2ps) instead of vpermps (no faster: each
     512-bit op takes a cycle on this core, and the float32 tile needs about three per 16 weights
-    where the bf16 one needs one: 7.2-7.6 against 4.5 ns per 128 weights from L2). A batch-1 step
-    is bound by how fast two cores stream; float32's experts are bound by those ops.
+    where the bf16 one needs one: 7.2-7.6 against 4.5 ns per 128 weights from L2); float32
+    activations split exactly into three bf16 parts (hi + mid + lo) for the vdpbf16ps tile: 12-16%
+    slower than vpermps + FMA (19.0-20.4 against 22.6-23.0 GB/s, 2 threads, from DRAM). A batch-1
+    step is bound by how fast two cores stream; the INT4 tiles are close to their op count as well
+    (one core, a [12288, 2048] weight from L2 / from DRAM: bf16 tile 20 / 13-14 GB/s, float32 tile
+    14 / 11; two threads from DRAM 27 and 23, where a bf16 matrix streams at 31), which is why
+    float32's experts take ~1.3x bf16's time.
 
 Threading: the kernels have their own pool (set_threads; ops.set_threads sets it and torch's). A
 job ends when its tasks are done, not when every thread has reached a barrier, so a worker that the
