@@ -225,6 +225,8 @@ class MLA(nn.Module):
         kv_b_proj `kv_tile` positions at a time, merged by online softmax (float32), so memory stays
         O(S x kv_tile) however long the context.
         """
+        if ops.flash_attention_ok(q_nope):
+            return self._attend_flash(q_nope, q_rope, latent, k_rope, positions, kv_tile)
         (B, S, H, _), dtype = q_nope.shape, q_nope.dtype
         N, V = self.nope_dim, self.v_dim
         # float32 scores: the nope and rope halves are summed before any rounding.
@@ -250,6 +252,37 @@ class MLA(nn.Module):
             acc = acc * correction[..., None] + torch.einsum("bsht,bthv->bshv", p, v.float())
             m = m_new
         return (acc / l[..., None]).to(dtype)
+
+    def _attend_flash(self, q_nope, q_rope, latent, k_rope, positions, kv_tile: int):
+        """attend_naive through torch's CPU flash-attention kernel (ops.flash_attention_tile), one
+        expanded KV tile at a time, merged by log-sum-exp in float32. Its GEMMs take the model dtype
+        with float32 sums; in bf16 it rounds the softmax weights to bf16 before they meet the values,
+        as the GPU kernels do. One head width for q, k and v: [q_nope | q_rope] against
+        [k_nope | k_rope], v zero-padded to it."""
+        (B, S, H, N), R, V = q_nope.shape, self.rope_dim, self.v_dim
+        E = max(N + R, V)
+        q = F.pad(torch.cat([q_nope, q_rope], -1), (0, E - N - R)).transpose(1, 2)      # [B, H, S, E]
+        first, last = int(positions.min()), int(positions.max())
+        out = lse = None
+        for t0 in range(0, min(latent.shape[1], last + 1), kv_tile):   # tiles past every query: skipped
+            t1 = min(t0 + kv_tile, latent.shape[1], last + 1)
+            k_nope, v = self.kv_b_proj(latent[:, t0:t1]).unflatten(-1, (H, N + V)).split([N, V], dim=-1)
+            k = torch.cat([k_nope, k_rope[:, t0:t1, None, :].expand(-1, -1, H, -1)], -1)
+            k, v = F.pad(k, (0, E - N - R)).transpose(1, 2), F.pad(v, (0, E - V)).transpose(1, 2)
+            mask = None
+            if t1 - 1 > first:   # some query does not see the whole tile
+                hidden = torch.arange(t0, t1, device=q.device) > positions[:, None, :, None]   # [B, 1, S, t]
+                mask = torch.zeros(hidden.shape, dtype=q.dtype, device=q.device).masked_fill_(hidden, float("-inf"))
+            o, l = ops.flash_attention_tile(q, k, v, mask, self.softmax_scale)
+            if t0 > first:   # queries before the tile see none of it: weight 0 (the kernel says lse 0)
+                l = l.masked_fill(positions[:, None, :] < t0, float("-inf"))
+            if out is None:
+                out, lse = o, l
+            else:
+                new = torch.logaddexp(lse, l)
+                out = out * (lse - new).exp()[..., None] + o.float() * (l - new).exp()[..., None]
+                lse = new
+        return out[..., :V].transpose(1, 2).to(q_nope.dtype)
 
 
 # ------------------------------------------------------------------------------------------ FFN

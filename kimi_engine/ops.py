@@ -240,3 +240,20 @@ def mla_attention(q_latent, q_rope, kv_cache, block_table, seq_lens, softmax_sca
     if kernel_mode() == "auto" and cpu_dispatch.attention_ok(q_latent, kv_cache, kv_scale):
         return cpu_kernels.mla_decode(q_latent, q_rope, kv_cache, block_table, seq_lens, softmax_scale)
     return mla_decode_ref(q_latent, q_rope, kv_cache, block_table, seq_lens, softmax_scale, kv_scale)
+
+
+def flash_attention_ok(q: torch.Tensor) -> bool:
+    """Whether prefill attention on q runs flash_attention_tile: CPU inference in auto mode. Measured on
+    the 2-core Zen 4 box (16 heads, width 192, 2,048 queries over 4,096 keys, masked): 134 GFLOP/s in
+    bf16, 127 in float32, where attend_naive's float32 einsums and softmax ops run ~50."""
+    return (q.device.type == "cpu" and kernel_mode() == "auto" and not (torch.is_grad_enabled() and q.requires_grad)
+            and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"))
+
+
+def flash_attention_tile(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                         scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(scale q k^T + mask) v and its log-sum-exp through torch's CPU flash-attention kernel:
+    q [B, H, S, E], k and v [B, H, T, E] (one width E), mask additive in q's dtype, broadcast to
+    [B, H, S, T] -> ([B, H, S, E] in q's dtype, lse [B, H, S] float32). Rows the mask hides entirely
+    come back 0 with an lse of 0, not -inf: the caller knows which they are."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=mask, scale=scale)
