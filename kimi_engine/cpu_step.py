@@ -58,8 +58,8 @@ class KtModel(ctypes.Structure):
 
 class _Key:
     """What changes when a tensor is modified in place (its version: inference tensors have none) or
-    given new storage. Read every step over ~15 tensors a layer, after the
-    weights have streamed through the caches: one list comprehension of attribute reads each."""
+    given new storage. Read every step over ~15 tensors a layer, after the weights have streamed
+    through the caches: one list comprehension of attribute reads each."""
 
     def __init__(self, tensors: list[torch.Tensor]):
         self.inference = [t for t in tensors if t.is_inference()]
